@@ -53,9 +53,32 @@ class SamBackbone(nn.Module):
             mask logits ``[B, 1, S, S]``.
         """
         embeddings = self.embed_images(images)
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :].float(), masks=None)
-        low_res, _ = self.mask_decoder(
-            image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-        )
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.float(), masks=None)
+        low_res = self.decode_masks(embeddings, sparse, dense.expand(len(boxes), -1, -1, -1))[:, :1]
         return nn.functional.interpolate(low_res, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def decode_masks(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Run the mask decoder on aligned batches: one image embedding per query.
+
+        segment-anything's ``MaskDecoder.predict_masks`` repeats the embedding of a single
+        image for every prompt; training needs B images with B prompt sets, so this runs
+        the same computation with the batch already aligned.
+
+        Args:
+            image_embeddings: ``[N, D, h, w]``; sparse: ``[N, T, D]``; dense: ``[N, D, h, w]``.
+        Returns:
+            mask logits ``[N, num_mask_tokens, 4h, 4w]``.
+        """
+        decoder = self.mask_decoder
+        n = image_embeddings.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+        src = image_embeddings + dense
+        pos = self.prompt_encoder.get_dense_pe().expand(n, -1, -1, -1)
+        _, c, h, w = src.shape
+        hs, src = decoder.transformer(src, pos, tokens)
+        mask_tokens_out = hs[:, 1:1 + decoder.num_mask_tokens]
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
+        hyper = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+        _, c2, h2, w2 = upscaled.shape
+        return (hyper @ upscaled.view(n, c2, h2 * w2)).view(n, -1, h2, w2)

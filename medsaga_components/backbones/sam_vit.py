@@ -66,6 +66,8 @@ def build_sam_vit(name: str, image_size: int | None = None, checkpoint: str | Pa
     if size % PATCH_SIZE:
         raise ValueError(f"{name}: image_size must be a multiple of {PATCH_SIZE}, got {size}")
     grid = size // PATCH_SIZE
+    # Read (and hash-check) the file before building: a wrong file fails in seconds, not after ViT-H.
+    state = None if checkpoint is None else read_state_dict(checkpoint, expected_sha256=spec.sha256)
     encoder = ImageEncoderViT(
         img_size=size, patch_size=PATCH_SIZE, embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
         mlp_ratio=4, out_chans=spec.prompt_dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
@@ -84,8 +86,7 @@ def build_sam_vit(name: str, image_size: int | None = None, checkpoint: str | Pa
         ),
         image_size=size, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD,
     )
-    if checkpoint is not None:
-        state = read_state_dict(checkpoint, expected_sha256=spec.sha256)
+    if state is not None:
         state = resize_position_tables(state, backbone.state_dict())
         load_state_dict_strict(backbone, state, checkpoint, f"SAM {name} at {size} px")
     return backbone

@@ -1,0 +1,117 @@
+"""SamSegmenter: SAM as a plain segmentation network, ``[B, C, H, W] -> [B, N + 1, H, W]``."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._segment_anything import MaskDecoder
+from .backbones import SamBackbone, build_backbone
+from .prompts import PROMPT_KINDS, PromptKind
+
+
+class SamSegmenter(nn.Module):
+    """SAM adapted to N classes, returning class logits like any MONAI segmentation network.
+
+    Channel 0 is background. Without prompts (SAMed, MedSAGa) the mask decoder is widened to
+    N + 1 mask tokens and the logits are read with softmax. With a per-class prompt kind
+    (boxes, points, class tokens) each class is decoded as its own query with SAM's
+    single-mask token; the background channel is then 0 so that ``argmax`` picks a class
+    exactly where its sigmoid exceeds 0.5 and is highest.
+
+    Args:
+        backbone: a registry name (see ``medsaga_components.backbones``) or a built backbone.
+        num_classes: N, foreground classes.
+        checkpoint: ``"pretrained"``, a path or None (random), when ``backbone`` is a name.
+        image_size: the side the backbone works at; inputs of another size are resized to it
+            and the logits back to the input size.
+        prompt: a ``PROMPT_KINDS`` name or a :class:`PromptKind` instance.
+    """
+
+    def __init__(self, backbone: str | SamBackbone = "lite_medsam", num_classes: int = 1,
+                 checkpoint: str | Path | None = "pretrained", image_size: int | None = None,
+                 prompt: str | PromptKind = "none") -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if isinstance(backbone, str):
+            backbone = build_backbone(backbone, image_size=image_size, checkpoint=checkpoint)
+        self.backbone = backbone
+        self.num_classes = num_classes
+        embed_dim = backbone.prompt_encoder.embed_dim
+        if isinstance(prompt, str):
+            if prompt not in PROMPT_KINDS:
+                raise ValueError(f"unknown prompt kind {prompt!r}; expected one of {sorted(PROMPT_KINDS)}")
+            prompt = PROMPT_KINDS[prompt](num_classes, embed_dim)
+        self.prompt = prompt
+        if not prompt.per_class:
+            widen_mask_decoder(backbone.mask_decoder, num_classes + 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    def forward(self, image: torch.Tensor, prompts: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Class logits for ``image``.
+
+        Args:
+            image: ``[B, 1 or 3, H, W]`` floats in ``[0, 1]``.
+            prompts: inputs of the prompt kind, in pixels of the ``image_size`` frame
+                (for example ``{"boxes": [B, N, 4]}``).
+        Returns:
+            ``[B, N + 1, H, W]`` logits.
+        """
+        if image.ndim != 4 or image.shape[1] not in (1, 3):
+            raise ValueError(f"expected image [B, 1 or 3, H, W], got {tuple(image.shape)}")
+        size = self.image_size
+        out_hw = image.shape[-2:]
+        if tuple(out_hw) != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+        embeddings = self.backbone.embed_images(image)  # [B, D, h, w]
+        b = embeddings.shape[0]
+        prompt_encoder = self.backbone.prompt_encoder
+        sparse, dense = self.prompt(prompt_encoder, b, prompts)  # [B, Q, T, D], [B, Q, D, h, w]
+        q = sparse.shape[1]
+        masks = self.backbone.decode_masks(
+            embeddings.repeat_interleave(q, dim=0),
+            sparse.reshape(b * q, *sparse.shape[2:]),
+            dense.reshape(b * q, *dense.shape[2:]),
+        )  # [B * Q, M, h', w']
+        if self.prompt.per_class:
+            if q != self.num_classes:
+                raise ValueError(f"per-class prompts need one query per class ({self.num_classes}), got {q}")
+            foreground = masks[:, :1].reshape(b, q, *masks.shape[-2:])
+            logits = torch.cat([torch.zeros_like(foreground[:, :1]), foreground], dim=1)
+        else:
+            logits = masks
+        return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
+
+
+def widen_mask_decoder(decoder: MaskDecoder, num_masks: int) -> None:
+    """Give ``decoder`` ``num_masks`` mask tokens (SAMed's N + 1 class masks), in place.
+
+    New tokens, hypernetwork MLPs and IoU-head rows are copied cyclically from the
+    pretrained ones (token i from token i mod 4) instead of starting random, so that few-shot
+    training begins from pretrained mask heads; the class targets break the symmetry.
+    """
+    old = decoder.num_mask_tokens
+    if num_masks == old:
+        return
+    dim = decoder.mask_tokens.weight.shape[1]
+    source = [i % old for i in range(num_masks)]
+    tokens = nn.Embedding(num_masks, dim)
+    tokens.weight.data.copy_(decoder.mask_tokens.weight.data[source])
+    decoder.mask_tokens = tokens
+    decoder.output_hypernetworks_mlps = nn.ModuleList(copy.deepcopy(decoder.output_hypernetworks_mlps[i]) for i in source)
+    last = decoder.iou_prediction_head.layers[-1]
+    head = nn.Linear(last.in_features, num_masks)
+    head.weight.data.copy_(last.weight.data[source])
+    head.bias.data.copy_(last.bias.data[source])
+    decoder.iou_prediction_head.layers[-1] = head
+    decoder.num_mask_tokens = num_masks
+    decoder.num_multimask_outputs = num_masks - 1

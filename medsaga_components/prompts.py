@@ -1,0 +1,117 @@
+"""Prompt kinds for :class:`~medsaga_components.network.SamSegmenter`.
+
+A prompt kind turns a batch's prompts into SAM prompt embeddings for Q queries per image:
+sparse ``[B, Q, T, D]`` and dense ``[B, Q, D, h, w]``. Each query is decoded once. Kinds
+with ``per_class = True`` ask one query per class (Q = N) and read one mask per query;
+the others ask one query per image and read N + 1 class masks from a widened decoder.
+
+New kinds subclass :class:`PromptKind` and register in ``PROMPT_KINDS``; the segmenter
+does not change.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import torch
+from torch import nn
+
+from ._segment_anything import PromptEncoder
+
+
+class PromptEmbeddings(NamedTuple):
+    sparse: torch.Tensor  # [B, Q, T, D]
+    dense: torch.Tensor  # [B, Q, D, h, w]
+
+
+class PromptKind(nn.Module):
+    """Base class: one query per image, no prompt tokens (SAMed/MedSAGa's class masks)."""
+
+    per_class = False
+    required_keys: tuple[str, ...] = ()
+
+    def __init__(self, num_classes: int, embed_dim: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+
+    def check(self, prompts: Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
+        prompts = prompts or {}
+        missing = [k for k in self.required_keys if k not in prompts]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs prompt keys {missing}, got {sorted(prompts)}")
+        return prompts
+
+    def forward(self, prompt_encoder: PromptEncoder, batch_size: int,
+                prompts: Mapping[str, torch.Tensor] | None) -> PromptEmbeddings:
+        self.check(prompts)
+        sparse, dense = prompt_encoder(points=None, boxes=None, masks=None)  # [1, 0, D], [1, D, h, w]
+        return PromptEmbeddings(sparse.expand(batch_size, -1, -1)[:, None], dense.expand(batch_size, -1, -1, -1)[:, None])
+
+
+class NoPrompt(PromptKind):
+    """No prompt: the decoder emits N + 1 masks (background first), read with softmax."""
+
+
+class BoxPrompt(PromptKind):
+    """Boxes ``prompts["boxes"]`` ``[B, Q, 4]`` (x0, y0, x1, y1 in input pixels), one query per class."""
+
+    per_class = True
+    required_keys = ("boxes",)
+
+    def forward(self, prompt_encoder, batch_size, prompts):
+        boxes = self.check(prompts)["boxes"]
+        b, q, _ = boxes.shape
+        sparse, dense = prompt_encoder(points=None, boxes=boxes.reshape(b * q, 4).float(), masks=None)
+        return PromptEmbeddings(sparse.view(b, q, *sparse.shape[1:]), dense.expand(b * q, -1, -1, -1).reshape(b, q, *dense.shape[1:]))
+
+
+class PointPrompt(PromptKind):
+    """Points ``prompts["points"]`` ``[B, Q, P, 2]`` (x, y in input pixels) with
+    ``prompts["point_labels"]`` ``[B, Q, P]`` (1 inside, 0 outside, -1 padding); one query per class."""
+
+    per_class = True
+    required_keys = ("points", "point_labels")
+
+    def forward(self, prompt_encoder, batch_size, prompts):
+        prompts = self.check(prompts)
+        points, labels = prompts["points"], prompts["point_labels"]
+        b, q, p, _ = points.shape
+        sparse, dense = prompt_encoder(points=(points.reshape(b * q, p, 2).float(), labels.reshape(b * q, p)),
+                                       boxes=None, masks=None)
+        return PromptEmbeddings(sparse.view(b, q, *sparse.shape[1:]), dense.expand(b * q, -1, -1, -1).reshape(b, q, *dense.shape[1:]))
+
+
+class ClassTokenPrompt(PromptKind):
+    """One learned sparse token per class (S-SAM's class-name prompts); needs no user input.
+
+    ``class_embeddings`` ``[N, E]`` (for example a text encoder's embeddings of the class
+    names) are projected to the prompt dimension; without them each class gets a learned
+    embedding (a table keyed by class index, i.e. by the names' order in dataset.json).
+    """
+
+    per_class = True
+
+    def __init__(self, num_classes: int, embed_dim: int, class_embeddings: torch.Tensor | None = None) -> None:
+        super().__init__(num_classes, embed_dim)
+        if class_embeddings is None:
+            class_embeddings = torch.randn(num_classes, embed_dim) * 0.02
+        if class_embeddings.shape[0] != num_classes:
+            raise ValueError(f"class_embeddings has {class_embeddings.shape[0]} rows, expected one per class ({num_classes})")
+        self.class_embeddings = nn.Parameter(class_embeddings.clone().float())
+        self.projection = nn.Linear(class_embeddings.shape[1], embed_dim)
+
+    def forward(self, prompt_encoder, batch_size, prompts):
+        tokens = self.projection(self.class_embeddings)  # [N, D]
+        sparse = tokens[None, :, None, :].expand(batch_size, -1, -1, -1)
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1, 1, 1).expand(
+            batch_size, self.num_classes, -1, *prompt_encoder.image_embedding_size)
+        return PromptEmbeddings(sparse, dense)
+
+
+PROMPT_KINDS: dict[str, type[PromptKind]] = {
+    "none": NoPrompt,
+    "boxes": BoxPrompt,
+    "points": PointPrompt,
+    "class_tokens": ClassTokenPrompt,
+}

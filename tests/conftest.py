@@ -1,0 +1,19 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def mni_files():
+    """Paths of the MNI ICBM152 2009a T1 and tissue maps shipped in nilearn's wheel."""
+    spec = importlib.util.find_spec("nilearn")
+    assert spec is not None, "nilearn's data files are installed by scripts/setup_env.sh"
+    root = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    return {k: root / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
