@@ -1,0 +1,94 @@
+"""GaLore parameter groups for MedSAGa: gradient low-rank projection on SAM's image encoder.
+
+The 2-D weights of the encoder's attention and MLP linear layers go into GaLore rank groups
+(their Adam moments live in a rank-r subspace, refreshed every ``update_proj_gap`` steps);
+the prompt encoder, the mask decoder and any prompt module are trained by plain AdamW in a
+second group; every other encoder parameter is frozen. The public MedSAGa code built these
+groups but never passed them to ``GaLoreAdamW``, so it ran as plain AdamW; here the groups
+are what the optimiser receives, and ``tests/test_adapters_galore.py`` checks that the
+optimiser state really has rank r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DEFAULT_TARGETS = ("qkv", "proj", "lin1", "lin2", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class GaloreConfig:
+    """GaLore settings for the encoder's projected weights.
+
+    Args:
+        rank: r, the rank of the gradient subspace (capped at min(m, n) - 1 per weight).
+        update_proj_gap: steps between recomputing each projection (an SVD of the gradient).
+        scale: factor on the projected-back update (GaLore's alpha).
+        proj_type: galore-torch's projection type (``"std"`` projects the smaller side).
+        target_modules: names of the ``nn.Linear`` modules whose weights are projected.
+    """
+
+    rank: int = 32
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+
+def galore_target_weights(encoder: nn.Module, config: GaloreConfig) -> dict[str, nn.Parameter]:
+    """The 2-D weights of the target linears under ``encoder``, by qualified name."""
+    return {
+        f"{name}.weight": module.weight
+        for name, module in encoder.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules
+    }
+
+
+def galore_parameter_groups(model: nn.Module, config: GaloreConfig, encoder_name: str = "backbone.image_encoder",
+                            weight_decay: float = 0.0) -> list[dict]:
+    """Optimiser groups for ``GaLoreAdamW``; freezes the non-target encoder parameters.
+
+    Returns one plain group (everything trainable outside the encoder) followed by one rank
+    group per distinct rank: a weight whose smaller side is <= r gets rank min(m, n) - 1, so
+    that no "projection" is as large as the weight itself.
+    """
+    encoder = model.get_submodule(encoder_name)
+    targets = galore_target_weights(encoder, config)
+    if not targets:
+        raise ValueError(f"no {config.target_modules} linear layers under {encoder_name!r}")
+    target_ids = {id(p) for p in targets.values()}
+    for p in encoder.parameters():
+        p.requires_grad_(id(p) in target_ids)
+    encoder_ids = {id(p) for p in encoder.parameters()}
+    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    by_rank: dict[int, list[nn.Parameter]] = {}
+    for p in targets.values():
+        by_rank.setdefault(min(config.rank, min(p.shape) - 1), []).append(p)
+    groups = [{"params": plain, "weight_decay": weight_decay}]
+    for rank, params in sorted(by_rank.items()):
+        groups.append({"params": params, "rank": rank, "update_proj_gap": config.update_proj_gap,
+                       "scale": config.scale, "proj_type": config.proj_type, "weight_decay": weight_decay})
+    return groups
+
+
+def allow_galore_state_in_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` (MONAI's CheckpointLoader) read GaLore optimiser state.
+
+    galore-torch keeps a ``GaLoreProjector`` object per projected weight in the state.
+    """
+    from galore_torch.galore_projector import GaLoreProjector
+
+    torch.serialization.add_safe_globals([GaLoreProjector])
+
+
+def build_galore_optimizer(model: nn.Module, config: GaloreConfig = GaloreConfig(), lr: float = 1e-4,
+                           weight_decay: float = 0.0, encoder_name: str = "backbone.image_encoder") -> torch.optim.Optimizer:
+    """``GaLoreAdamW`` over :func:`galore_parameter_groups` (galore-torch imported only here: ~10 s)."""
+    from galore_torch import GaLoreAdamW
+
+    allow_galore_state_in_checkpoints()
+    groups = galore_parameter_groups(model, config, encoder_name=encoder_name, weight_decay=weight_decay)
+    return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, no_deprecation_warning=True)
