@@ -1,0 +1,43 @@
+"""Export a trained network as plain tensors that load into the plain SamSegmenter."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def merge_adapters(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` with every adapter (LoRA, SVD) folded into plain layers."""
+    from ..adapters import merge_lora, merge_svd
+
+    merged = copy.deepcopy(network)
+    merge_lora(merged)
+    merge_svd(merged)
+    return merged
+
+
+def plain_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the merged network: detached, contiguous CPU tensors only."""
+    merged = merge_adapters(network)
+    return {k: v.detach().cpu().contiguous().clone() for k, v in merged.state_dict().items()}
+
+
+def save_plain_model(network: nn.Module, path: str | Path) -> Path:
+    """Write ``plain_state_dict(network)`` to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = plain_state_dict(network)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
