@@ -1,0 +1,96 @@
+"""Adaptation methods by name: which parameters train, with which optimiser and loss.
+
+| method | encoder | also trained | optimiser | loss |
+|---|---|---|---|---|
+| ``full`` | everything | everything | AdamW | 0.2 CE + 0.8 Dice |
+| ``medsaga`` | GaLore on attention/MLP weights, rest frozen | prompt encoder, mask decoder | GaLoreAdamW + AdamW | 0.2 CE + 0.8 Dice |
+| ``samed`` | frozen + LoRA r=4 on q, v | prompt encoder, mask decoder | AdamW | 0.2 CE + 0.8 Dice |
+| ``ssam`` | frozen + SVD scale/shift | norms, pos_embed, class-prompt tokens | AdamW | focal + Dice (sigmoid) |
+
+Bundles and the benchmark both build their networks and optimisers through here, so the
+methods they compare are the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from monai.losses import DiceCELoss, DiceFocalLoss
+from torch import nn
+
+from .adapters import LoraConfig, SvdConfig, inject_lora, inject_svd, mark_only_lora_trainable
+from .adapters.galore import GaloreConfig, build_galore_optimizer
+from .network import SamSegmenter
+
+
+@dataclass(frozen=True)
+class Method:
+    """Defaults of one method; ``lr`` and ``weight_decay`` can be overridden per run."""
+
+    name: str
+    prompt: str = "none"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_iterations: int = 0
+    options: dict = field(default_factory=dict)
+
+
+METHODS = {
+    "full": Method("full", lr=2e-4),
+    "medsaga": Method("medsaga", lr=2e-4),
+    "samed": Method("samed", lr=5e-3, weight_decay=0.1, warmup_iterations=250),
+    "ssam": Method("ssam", prompt="class_tokens", lr=1e-4),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_network(method: str, backbone: str = "lite_medsam", num_classes: int = 1,
+                  checkpoint: str | None = "pretrained", image_size: int | None = None) -> SamSegmenter:
+    """The method's network: the backbone with the method's prompt kind and adapters injected."""
+    spec = get_method(method)
+    network = SamSegmenter(backbone, num_classes=num_classes, checkpoint=checkpoint, image_size=image_size,
+                           prompt=spec.prompt)
+    if method == "samed":
+        inject_lora(network.backbone, LoraConfig(rank=4, target_modules=("qkv",), qkv_parts=("q", "v")))
+        mark_only_lora_trainable(network, ("backbone.prompt_encoder", "backbone.mask_decoder"))
+    elif method == "ssam":
+        inject_svd(network.backbone, SvdConfig())
+        _mark_ssam_trainable(network)
+    return network
+
+
+def _mark_ssam_trainable(network: SamSegmenter) -> None:
+    """S-SAM trains the singular-value scale/shift, normalisation layers, the position embedding
+    and the class prompts; everything else (the pretrained weights) stays frozen."""
+    norm_types = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+    for name, module in network.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        is_norm = isinstance(module, norm_types) or type(module).__name__ == "LayerNorm2d"
+        for pname, p in own:
+            p.requires_grad_(is_norm or pname in ("scale", "shift", "pos_embed") or name.startswith("prompt"))
+
+
+def build_optimizer(method: str, network: nn.Module, lr: float | None = None, weight_decay: float | None = None,
+                    galore: GaloreConfig | None = None) -> torch.optim.Optimizer:
+    """The method's optimiser over the parameters its network leaves trainable."""
+    spec = get_method(method)
+    lr = spec.lr if lr is None else lr
+    weight_decay = spec.weight_decay if weight_decay is None else weight_decay
+    if method == "medsaga":
+        return build_galore_optimizer(network, galore or GaloreConfig(), lr=lr, weight_decay=weight_decay)
+    params = [p for p in network.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def build_loss(method: str) -> nn.Module:
+    """Loss on ``[B, N+1, H, W]`` logits and ``[B, 1, H, W]`` class-index labels."""
+    if get_method(method).prompt == "none":
+        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.2, lambda_dice=0.8)
+    # Per-class queries: each foreground channel is its own sigmoid mask (background is 0).
+    return DiceFocalLoss(to_onehot_y=True, sigmoid=True, include_background=False)
