@@ -21,6 +21,7 @@ from torch import nn
 
 from .adapters import LoraConfig, SvdConfig, inject_lora, inject_svd, mark_only_lora_trainable
 from .adapters.galore import GaloreConfig, build_galore_optimizer
+from .backbones.checkpoints import load_state_dict_strict, read_state_dict
 from .network import SamSegmenter
 
 
@@ -51,11 +52,19 @@ def get_method(name: str) -> Method:
 
 
 def build_network(method: str, backbone: str = "lite_medsam", num_classes: int = 1,
-                  checkpoint: str | None = "pretrained", image_size: int | None = None) -> SamSegmenter:
-    """The method's network: the backbone with the method's prompt kind and adapters injected."""
+                  checkpoint: str | None = "pretrained", image_size: int | None = None,
+                  weights: str | None = None) -> SamSegmenter:
+    """The method's network: the backbone with the method's prompt kind and adapters injected.
+
+    ``weights``: a plain ``model.pt`` (as the bundles export) loaded before the adapters are
+    injected, to fine-tune a previously trained model.
+    """
     spec = get_method(method)
     network = SamSegmenter(backbone, num_classes=num_classes, checkpoint=checkpoint, image_size=image_size,
                            prompt=spec.prompt)
+    if weights:
+        state = read_state_dict(weights)
+        load_state_dict_strict(network, state, weights, f"{method} network ({backbone}, {num_classes} classes)")
     if method == "samed":
         inject_lora(network.backbone, LoraConfig(rank=4, target_modules=("qkv",), qkv_parts=("q", "v")))
         mark_only_lora_trainable(network, ("backbone.prompt_encoder", "backbone.mask_decoder"))

@@ -1,0 +1,47 @@
+"""Training and inference glue the bundle configs reference: the few-shot experiment,
+schedules, handlers, export of plain weights, volume inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .experiment import FewShotExperiment
+from .export import merge_adapters, plain_state_dict, save_plain_model
+from .handlers import EvaluateOnTestVolumes, SaveBestPlainModel, evaluate_test_volumes
+from .schedules import warmup_poly_scheduler
+from .slice_inferer import SquareSliceInferer
+from .training_setup import prepare_training
+from .transforms import ScaleIntensityForModalityd
+
+
+def find_bundle_root(name: str) -> str:
+    """The bundle folder, whether a command runs inside it or at the repository root.
+
+    Bundle configs use this as the default ``bundle_root``; ``--bundle_root`` overrides it.
+    """
+    cwd = Path.cwd()
+    for candidate in (cwd, cwd / "bundles" / name):
+        if (candidate / "configs" / "metadata.json").is_file() and candidate.name == name:
+            return str(candidate)
+    if (cwd / "configs" / "metadata.json").is_file():
+        return str(cwd)
+    raise FileNotFoundError(f"cannot find the {name} bundle from {cwd}: run from the repository root or the "
+                            f"bundle folder, or pass --bundle_root")
+
+
+def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
+    """``network`` with adapters merged and the plain weights of ``path`` loaded (strict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights not found: {path} (run training first, or pass --model_path)")
+    plain = merge_adapters(network)
+    plain.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return plain
+
+
+__all__ = ["FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
+           "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer",
+           "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "prepare_training"]

@@ -1,0 +1,63 @@
+"""What a bundle needs from ``dataset_dir``, prepared once: validation, few-shot manifest, datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import ConcatDataset, DataLoader
+
+from ..data import SliceDataset, augmentation_transforms, ensure_demo_dataset, fewshot_command, read_manifest
+
+FEWSHOT_STRATEGIES = ("total", "per_volume", "fraction")
+
+
+class FewShotExperiment:
+    """A dataset folder turned into few-shot training, validation and test slice datasets.
+
+    ``dataset_dir`` holds a Decathlon ``dataset.json``; an empty or missing folder receives
+    the embedded MNI152 demo. The dataset is validated before anything trains (a missing
+    file, mismatched geometry or an undeclared label value stops here, naming the file),
+    and the few-shot selection is written to ``output_dir/fewshot_manifest.json`` so that a
+    run can be repeated and audited.
+
+    Args:
+        dataset_dir: folder with ``dataset.json`` (or where the demo is written).
+        output_dir: where the manifest goes.
+        shots: k (see ``strategy``); image_size: S; axis: slicing axis; seed: selection seed.
+        augment: random flips and small rotations of the few-shot slices.
+    """
+
+    def __init__(self, dataset_dir: str | Path, output_dir: str | Path, shots: float = 5, strategy: str = "total",
+                 seed: int = 0, axis: int = 2, image_size: int = 256, augment: bool = True) -> None:
+        if strategy not in FEWSHOT_STRATEGIES:
+            raise ValueError(f"strategy must be one of {FEWSHOT_STRATEGIES}, got {strategy!r}")
+        if float(shots) <= 0:
+            raise ValueError(f"shots must be positive, got {shots!r}")
+        if int(image_size) % 16:
+            raise ValueError(f"image_size must be a multiple of 16, got {image_size!r}")
+        self.dataset_json = ensure_demo_dataset(dataset_dir)
+        self.manifest_path = fewshot_command(self.dataset_json, shots, strategy=strategy, seed=seed,
+                                             out=str(Path(output_dir) / "fewshot_manifest.json"), axis=axis)
+        self.manifest = read_manifest(self.manifest_path)
+        self.image_size = int(image_size)
+        self.train_dataset = SliceDataset.from_manifest(
+            self.manifest, "fewshot", self.image_size, transform=augmentation_transforms() if augment else None)
+        self.val_dataset = SliceDataset.from_manifest(self.manifest, "validation", self.image_size, labelled_only=True)
+        self.test_dataset = SliceDataset.from_manifest(self.manifest, "test", self.image_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.train_dataset.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.train_dataset.class_names
+
+    def train_loader(self, batch_size: int, steps_per_epoch: int, num_workers: int = 0) -> DataLoader:
+        """``steps_per_epoch`` shuffled batches per epoch, cycling through the k slices (each
+        pass draws new augmentations); a batch never exceeds k distinct slices."""
+        k = len(self.train_dataset)
+        batch = min(batch_size, k)
+        repeats = max(1, -(-batch * steps_per_epoch // k))
+        data = ConcatDataset([self.train_dataset] * repeats)
+        return DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=num_workers)

@@ -1,0 +1,75 @@
+"""Ignite handlers the bundles attach: export of the best plain model, final test evaluation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from ..data import SliceDataset
+from ..evaluation import evaluate_slice_dataset
+from .export import merge_adapters, save_plain_model
+
+logger = logging.getLogger(__name__)
+
+
+class SaveBestPlainModel:
+    """After each validation that improves the key metric, write ``path`` as plain tensors
+    (adapters merged), so that ``models/model.pt`` always loads into the plain network."""
+
+    def __init__(self, network: nn.Module, path: str | Path) -> None:
+        self.network = network
+        self.path = Path(path)
+
+    def attach(self, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, evaluator: Engine) -> None:
+        if evaluator.state.best_metric_epoch == evaluator.state.epoch:
+            save_plain_model(self.network, self.path)
+            logger.info("saved %s (validation %s %.4f at epoch %d)", self.path, evaluator.state.key_metric_name
+                        if hasattr(evaluator.state, "key_metric_name") else "key metric",
+                        evaluator.state.best_metric, evaluator.state.epoch)
+
+
+class EvaluateOnTestVolumes:
+    """When training completes: load the best plain model and evaluate it on the held-out
+    test volumes (Dice and HD95 per class and volume, NIfTI predictions, overlays, report)."""
+
+    def __init__(self, network: nn.Module, model_path: str | Path, dataset: SliceDataset, output_dir: str | Path,
+                 device: str | torch.device = "cpu", batch_size: int = 4) -> None:
+        self.network = network
+        self.model_path = Path(model_path)
+        self.dataset = dataset
+        self.output_dir = Path(output_dir)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> dict:
+        network = merge_adapters(self.network)
+        if self.model_path.is_file():
+            network.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True))
+        else:
+            logger.warning("%s not found: evaluating the final weights", self.model_path)
+        network.to(self.device).eval()
+        summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size)
+        logger.info("test mean Dice %s -> %s", summary.get("mean", {}), self.output_dir)
+        return summary
+
+
+def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir: str | Path,
+                          device: str | torch.device = "cpu", batch_size: int = 4) -> dict:
+    """Predict every slice with ``network`` (argmax of its class logits) and evaluate per volume."""
+    device = torch.device(device)
+
+    @torch.no_grad()
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return network(images.to(device)).argmax(dim=1).cpu()
+
+    return evaluate_slice_dataset(dataset, predict, output_dir, batch_size=batch_size)

@@ -1,0 +1,53 @@
+"""Volume inference with a 2-D SAM network, the way it was trained: slice by slice, each
+slice fitted into the ``S x S`` square (longest side scaled, bottom/right zero-padded)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+
+from ..data.square_resize import square_geometry
+
+
+class SquareSliceInferer(Inferer):
+    """``[B, C, X, Y, Z]`` volume -> ``[B, N + 1, X, Y, Z]`` logits, slicing along ``axis``.
+
+    Each slice is resized with its aspect ratio kept to fit ``image_size`` and padded, the
+    network's logits are cropped back and resized to the slice's own grid (bilinear, on
+    logits, so argmax afterwards gives smooth boundaries).
+
+    Args:
+        image_size: S, the network's input side.
+        axis: spatial axis to slice along (0, 1 or 2; 2 = axial for RAS volumes).
+        batch_size: slices per network call.
+    """
+
+    def __init__(self, image_size: int = 256, axis: int = 2, batch_size: int = 8) -> None:
+        super().__init__()
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+        self.image_size = image_size
+        self.axis = axis
+        self.batch_size = batch_size
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if inputs.ndim != 5:
+            raise ValueError(f"expected a volume [B, C, X, Y, Z], got {tuple(inputs.shape)}")
+        dim = 2 + self.axis
+        moved = inputs.movedim(dim, 1)  # [B, D, C, H, W]
+        b, depth, c, h, w = moved.shape
+        geometry = square_geometry(h, w, self.image_size)
+        slices = moved.reshape(b * depth, c, h, w).float()
+        outputs = []
+        for start in range(0, slices.shape[0], self.batch_size):
+            chunk = F.interpolate(slices[start:start + self.batch_size],
+                                  size=(geometry.resized_height, geometry.resized_width), mode="bilinear",
+                                  align_corners=False)
+            chunk = F.pad(chunk, (0, self.image_size - chunk.shape[-1], 0, self.image_size - chunk.shape[-2]))
+            logits = network(chunk, *args, **kwargs)[..., :geometry.resized_height, :geometry.resized_width]
+            outputs.append(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False))
+        logits = torch.cat(outputs).reshape(b, depth, -1, h, w)  # [B, D, N+1, H, W]
+        return logits.movedim(1, dim)
