@@ -1,0 +1,244 @@
+"""Medical Segmentation Decathlon style ``dataset.json``: loading and validation.
+
+The format::
+
+    {"labels": {"0": "background", "1": "grey matter", "2": "white matter"},
+     "modality": {"0": "MRI"},                       # or "CT"
+     "training":   [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}, ...],
+     "validation": [{"image": ..., "label": ...}],   # optional
+     "test":       ["imagesTs/b.nii.gz", {"image": ..., "label": ...}]}   # optional
+
+Paths are relative to the json file. Images are NIfTI volumes or 2-D PNGs (masks then are
+PNGs whose pixel values are the label values).
+
+``load_decathlon`` checks the json itself; ``validate_dataset`` also opens every listed file,
+so that a broken dataset fails before training with an error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsaga_components.data.labels import ClassMap
+from medsaga_components.data.volume_io import VolumeReadError, read_geometry, read_label
+
+SPLITS = ("training", "validation", "test")
+
+# Affines written by different tools for the same grid differ in float32 rounding only.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+class DatasetError(ValueError):
+    """A dataset.json, or a file it lists, is missing, malformed or inconsistent."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = problems or [message]
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One image (and its label map, if any) as listed in a split of dataset.json."""
+
+    image: str  # exactly as written in dataset.json
+    label: str | None
+    image_path: Path  # resolved against the json's folder
+    label_path: Path | None
+
+
+@dataclass(frozen=True)
+class DecathlonDataset:
+    path: Path  # the dataset.json file
+    name: str
+    modality: str  # e.g. "MRI", "CT"
+    labels: dict[int, str]  # declared label value -> name, ascending, 0 first
+    splits: dict[str, tuple[DatasetEntry, ...]] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def class_map(self) -> ClassMap:
+        return ClassMap(tuple(self.labels), tuple(self.labels.values()))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names by class index (index 0 is background)."""
+        return tuple(self.labels.values())
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return len(self.labels)
+
+    def entries(self, split: str) -> tuple[DatasetEntry, ...]:
+        if split not in SPLITS:
+            raise DatasetError(f"{self.path}: unknown split {split!r}, expected one of {list(SPLITS)}")
+        return self.splits.get(split, ())
+
+    def resolve(self, relative: str) -> Path:
+        """A path as written in dataset.json -> the file on disk."""
+        return (self.root / relative).resolve()
+
+
+def _dataset_json_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(f"dataset.json not found: {path}")
+    return path.resolve()
+
+
+def _parse_labels(raw: Any, path: Path) -> dict[int, str]:
+    example = '{"0": "background", "1": "liver"}'
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f"{path}: key 'labels' must be a non-empty object such as {example}, got {raw!r}")
+    labels: dict[int, str] = {}
+    for key, name in raw.items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{path}: 'labels' key {key!r} is not an integer label value (expected e.g. {example})")
+        if value < 0:
+            raise DatasetError(f"{path}: 'labels' key {key!r} is negative, expected label values >= 0")
+        if not isinstance(name, str):
+            raise DatasetError(f"{path}: 'labels'[{key!r}] must be a class name string, got {name!r}")
+        if value in labels:
+            raise DatasetError(f"{path}: 'labels' declares value {value} twice")
+        labels[value] = name
+    if 0 not in labels:
+        raise DatasetError(f"{path}: 'labels' must declare \"0\" (background), got keys {list(raw)}")
+    if len(labels) < 2:
+        raise DatasetError(f"{path}: 'labels' declares only background, expected at least one foreground class")
+    return dict(sorted(labels.items()))
+
+
+def _parse_modality(raw: Any, path: Path) -> str:
+    if isinstance(raw, str) and raw.strip():
+        return raw.strip()
+    if isinstance(raw, dict) and len(raw) == 1:
+        (value,) = raw.values()
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    if isinstance(raw, dict) and len(raw) > 1:
+        raise DatasetError(
+            f"{path}: 'modality' declares {len(raw)} channels {raw}; expected one channel "
+            "(medsaga reads single-channel images: store each channel as its own dataset)"
+        )
+    raise DatasetError(f"{path}: key 'modality' must be \"CT\", \"MRI\" or {{\"0\": \"MRI\"}}, got {raw!r}")
+
+
+def _parse_entries(raw: Any, split: str, path: Path, label_required: bool) -> tuple[DatasetEntry, ...]:
+    if not isinstance(raw, list):
+        raise DatasetError(f"{path}: key {split!r} must be a list of {{\"image\", \"label\"}} objects, got {type(raw).__name__}")
+    entries = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str) and not label_required:
+            item = {"image": item}
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+            raise DatasetError(f"{path}: {split}[{i}] must be an object with an 'image' path string, got {item!r}")
+        label = item.get("label")
+        if label is None and label_required:
+            raise DatasetError(f"{path}: {split}[{i}] ({item['image']}) has no 'label', expected a label path")
+        if label is not None and not isinstance(label, str):
+            raise DatasetError(f"{path}: {split}[{i}] 'label' must be a path string, got {label!r}")
+        entries.append(DatasetEntry(
+            image=item["image"],
+            label=label,
+            image_path=(path.parent / item["image"]).resolve(),
+            label_path=(path.parent / label).resolve() if label is not None else None,
+        ))
+    return tuple(entries)
+
+
+def load_decathlon(path: str | Path) -> DecathlonDataset:
+    """Parse and check a dataset.json (``path`` may be the file or its folder); files are not opened."""
+    json_path = _dataset_json_path(path)
+    try:
+        raw = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{json_path}: not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{json_path}: expected a JSON object at the top level")
+    for key in ("labels", "modality", "training"):
+        if key not in raw:
+            raise DatasetError(f"{json_path}: missing key {key!r} (a Decathlon dataset.json needs labels, modality, training)")
+    splits = {
+        "training": _parse_entries(raw["training"], "training", json_path, label_required=True),
+        "validation": _parse_entries(raw.get("validation", []), "validation", json_path, label_required=True),
+        "test": _parse_entries(raw.get("test", []), "test", json_path, label_required=False),
+    }
+    if not splits["training"]:
+        raise DatasetError(f"{json_path}: 'training' is empty, expected at least one labelled image")
+    # An image in two splits would let test slices leak into the few-shot training set.
+    seen: dict[Path, str] = {}
+    for split, entries in splits.items():
+        for entry in entries:
+            if entry.image_path in seen and seen[entry.image_path] != split:
+                raise DatasetError(f"{json_path}: image {entry.image} is listed in both "
+                                   f"{seen[entry.image_path]!r} and {split!r}; splits must not share images")
+            seen[entry.image_path] = split
+    return DecathlonDataset(
+        path=json_path,
+        name=str(raw.get("name", json_path.parent.name)),
+        modality=_parse_modality(raw["modality"], json_path),
+        labels=_parse_labels(raw["labels"], json_path),
+        splits=splits,
+    )
+
+
+def _entry_problems(entry: DatasetEntry, class_map: ClassMap) -> list[str]:
+    """Everything wrong with one image/label pair, each message naming the file."""
+    try:
+        image_shape, image_affine = read_geometry(entry.image_path)
+    except VolumeReadError as exc:
+        return [str(exc)]
+    if entry.label_path is None:
+        return []
+    try:
+        labels, label_affine = read_label(entry.label_path)
+    except VolumeReadError as exc:
+        return [str(exc)]
+    problems = []
+    if labels.shape != image_shape:
+        problems.append(f"{entry.label_path}: label shape {labels.shape} differs from image "
+                        f"{entry.image_path} shape {image_shape}; expected the same grid")
+    elif not np.allclose(image_affine, label_affine, atol=AFFINE_TOLERANCE_MM):
+        problems.append(f"{entry.label_path}: label affine differs from image {entry.image_path} affine "
+                        f"(max difference {np.abs(image_affine - label_affine).max():.4g}); expected the same "
+                        f"voxel-to-world mapping.\nimage:\n{image_affine}\nlabel:\n{label_affine}")
+    undeclared = class_map.undeclared_values(labels)
+    if undeclared:
+        problems.append(f"{entry.label_path}: label values {undeclared} are not declared in 'labels' "
+                        f"(declared: {list(class_map.label_values)})")
+    if not np.any(labels != 0):
+        problems.append(f"{entry.label_path}: no labelled voxel (all background); expected at least one "
+                        "foreground voxel, remove the entry or fix the label file")
+    return problems
+
+
+def validate_dataset(path: str | Path, splits: tuple[str, ...] = SPLITS) -> DecathlonDataset:
+    """Load dataset.json and open every listed file; raise ``DatasetError`` listing all problems.
+
+    Checks per entry: the files exist and are readable, image and label share shape and affine,
+    label values are declared in ``labels``, and the label map has a foreground voxel.
+    """
+    dataset = load_decathlon(path)
+    class_map = dataset.class_map
+    problems = []
+    for split in splits:
+        for entry in dataset.entries(split):
+            problems.extend(f"[{split}] {p}" for p in _entry_problems(entry, class_map))
+    if problems:
+        shown = "\n  - ".join(problems[:20])
+        more = f"\n  (+{len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise DatasetError(f"dataset {dataset.path} failed validation ({len(problems)} problems):\n  - {shown}{more}",
+                           problems)
+    return dataset

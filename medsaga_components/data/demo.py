@@ -1,0 +1,184 @@
+"""The embedded demo dataset: the MNI ICBM152 2009a template with grey/white-matter labels.
+
+nilearn's wheel ships the template T1 and its tissue probability maps on one 197x233x189
+1-mm grid (uint8, 0-255). From them this module writes a Decathlon dataset:
+
+- label 0 background, 1 grey matter (gm >= 128), 2 white matter (wm >= 128); a voxel
+  above threshold in both maps takes the tissue with the larger probability;
+- axial slabs (axis 2) cropped into separate NIfTI files, each with the affine shifted so
+  that every voxel keeps its world position; slabs of different splits are separated by
+  a gap of two slices, so few-shot (training) slices and test slices never meet, not even as
+  neighbours.
+
+Only nilearn's data files are read (its package is located, never imported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medsaga_components.data.decathlon import DatasetError, validate_dataset
+from medsaga_components.data.slicing import crop_slab
+
+DEMO_VERSION = 1
+TEMPLATE_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+TEMPLATE_SHAPE = (197, 233, 189)
+TISSUE_THRESHOLD = 128  # probability maps are stored as 0..255
+LABELS = {"0": "background", "1": "grey matter", "2": "white matter"}
+SLAB_AXIS = 2
+# [start, stop) along the axial axis, chosen where the brain has plenty of grey and white
+# matter (every slice here holds thousands of voxels of each).
+DEMO_SLABS = {
+    "training": [(60, 100)],
+    "validation": [(102, 114)],
+    "test": [(38, 58), (116, 130)],
+}
+SPLIT_FOLDERS = {"training": "Tr", "validation": "Va", "test": "Ts"}
+NIFTI_XFORM_MNI_152 = 4  # NIfTI xform code: coordinates are MNI 152 space
+
+
+def template_dir() -> Path:
+    """nilearn's bundled data folder (found without importing nilearn)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the demo dataset needs nilearn's data files: pip install --no-deps nilearn==0.14.1")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    missing = [name for name in TEMPLATE_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: missing template files {missing}; reinstall nilearn==0.14.1")
+    return folder
+
+
+def tissue_labels(gm: np.ndarray, wm: np.ndarray, threshold: int = TISSUE_THRESHOLD) -> np.ndarray:
+    """Probability maps (uint8 0..255, same shape) -> uint8 labels 0/1/2 (background/GM/WM)."""
+    gm_mask = gm >= threshold
+    wm_mask = wm >= threshold
+    labels = np.zeros(gm.shape, dtype=np.uint8)
+    labels[gm_mask] = 1
+    labels[wm_mask] = 2
+    both = gm_mask & wm_mask
+    labels[both & (gm > wm)] = 1  # ties go to white matter
+    return labels
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    image = nib.Nifti1Image(data, affine)
+    image.set_sform(affine, code=NIFTI_XFORM_MNI_152)
+    image.set_qform(affine, code=NIFTI_XFORM_MNI_152)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(path))
+
+
+def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    folder = template_dir()
+    t1_image = nib.load(str(folder / TEMPLATE_FILES["t1"]))
+    arrays = {key: np.asarray(nib.load(str(folder / name)).dataobj) for key, name in TEMPLATE_FILES.items()}
+    for key, array in arrays.items():
+        if array.shape != TEMPLATE_SHAPE:
+            raise DatasetError(f"{folder / TEMPLATE_FILES[key]}: shape {array.shape}, expected {TEMPLATE_SHAPE}")
+    return arrays["t1"], tissue_labels(arrays["gm"], arrays["wm"]), np.asarray(t1_image.affine, dtype=np.float64)
+
+
+def _write_into(folder: Path) -> None:
+    t1, labels, affine = _load_template()
+    splits: dict[str, list[dict[str, str]]] = {}
+    for split, slabs in DEMO_SLABS.items():
+        suffix = SPLIT_FOLDERS[split]
+        entries = []
+        for start, stop in slabs:
+            name = f"mni152_z{start:03d}-{stop:03d}.nii.gz"
+            image, slab_affine = crop_slab(t1, affine, SLAB_AXIS, start, stop)
+            label, _ = crop_slab(labels, affine, SLAB_AXIS, start, stop)
+            _save(np.ascontiguousarray(image), slab_affine, folder / f"images{suffix}" / name)
+            _save(np.ascontiguousarray(label), slab_affine, folder / f"labels{suffix}" / name)
+            entries.append({"image": f"images{suffix}/{name}", "label": f"labels{suffix}/{name}"})
+        splits[split] = entries
+    description = {
+        "name": "MNI152-2009a-tissue-demo",
+        "description": "Axial slabs of the MNI ICBM152 2009a nonlinear symmetric T1 template with grey/white "
+                       "matter labels (tissue probability >= 128/255), for trying medsaga offline.",
+        "reference": "Fonov et al., NeuroImage 2011 and 2009 (ICBM 2009a); files from the nilearn 0.14.1 wheel",
+        "licence": "ICBM 2009a template: copyright McConnell Brain Imaging Centre, free use with attribution",
+        "tensorImageSize": "3D",
+        "modality": {"0": "MRI"},
+        "labels": LABELS,
+        "numTraining": len(splits["training"]),
+        "numTest": len(splits["test"]),
+        **splits,
+        "medsaga_demo": {"version": DEMO_VERSION, "axis": SLAB_AXIS,
+                         "slabs": {split: [list(s) for s in slabs] for split, slabs in DEMO_SLABS.items()},
+                         "source": TEMPLATE_FILES},
+    }
+    (folder / "dataset.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+
+
+def is_complete_demo(out: str | Path) -> bool:
+    """True if ``out`` holds a demo dataset of this version whose files all validate."""
+    json_path = Path(out) / "dataset.json"
+    try:
+        marker = json.loads(json_path.read_text(encoding="utf-8")).get("medsaga_demo", {})
+        if marker.get("version") != DEMO_VERSION:
+            return False
+        validate_dataset(json_path)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def write_demo_dataset(out: str = "medsaga_demo", overwrite: bool = False) -> str:
+    """Write the demo dataset into folder ``out`` (``medsaga demo-data --out DIR``); returns its dataset.json.
+
+    Idempotent: an existing complete demo in ``out`` is kept as is. Files are written into a
+    temporary folder beside ``out`` that is renamed into place, so an interrupted run leaves
+    nothing half-written. A non-empty ``out`` that is not the demo is refused unless
+    ``overwrite=True``.
+    """
+    out_dir = Path(out).resolve()
+    if is_complete_demo(out_dir) and not overwrite:
+        return str(out_dir / "dataset.json")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; choose another --out for the demo dataset")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty and holds no complete medsaga demo dataset; "
+                              "choose an empty or new folder, or pass --overwrite True")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        _write_into(staging)
+        if out_dir.exists():
+            # Move the old folder aside first so that the rename below is a single step.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "previous")
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(staging, out_dir)
+        except OSError:
+            # Another process finished first: use its demo if it is complete.
+            if not is_complete_demo(out_dir):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(out_dir / "dataset.json")
+
+
+def ensure_demo_dataset(dataset_dir: str | Path) -> str:
+    """For bundles: the dataset.json in ``dataset_dir``, writing the demo there on first use.
+
+    A user dataset already in ``dataset_dir`` (any dataset.json) is returned untouched.
+    """
+    json_path = Path(dataset_dir) / "dataset.json"
+    if json_path.is_file():
+        return str(json_path.resolve())
+    return write_demo_dataset(str(dataset_dir))
