@@ -30,6 +30,9 @@ def test_widened_decoder_starts_from_pretrained_tokens():
     assert tuple(tokens.shape) == (6, 256)
     assert torch.equal(tokens[:4], original) and torch.equal(tokens[4:], original[:2])
     assert len(net.backbone.mask_decoder.output_hypernetworks_mlps) == 6
+    # Class heads start at logit 0 everywhere: uniform softmax, no saturated SAM object logits.
+    with torch.no_grad():
+        assert torch.count_nonzero(net(torch.rand(1, 1, 64, 64))) == 0
 
 
 def test_state_dict_round_trips_into_a_fresh_plain_network():

@@ -15,6 +15,7 @@ from .schedules import warmup_poly_scheduler
 from .slice_inferer import SquareSliceInferer
 from .training_setup import prepare_training
 from .transforms import ScaleIntensityForModalityd
+from .volumes import list_volumes
 
 
 def find_bundle_root(name: str) -> str:
@@ -32,11 +33,15 @@ def find_bundle_root(name: str) -> str:
                             f"bundle folder, or pass --bundle_root")
 
 
+def check_model_file(path: str | Path) -> None:
+    """Fail before inference starts when the trained weights are missing."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model weights not found: {path} (run training first, or pass --model_path)")
+
+
 def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
     """``network`` with adapters merged and the plain weights of ``path`` loaded (strict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model weights not found: {path} (run training first, or pass --model_path)")
+    check_model_file(path)
     plain = merge_adapters(network)
     plain.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return plain
@@ -44,4 +49,5 @@ def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
 
 __all__ = ["FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
            "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer",
-           "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "prepare_training"]
+           "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "check_model_file", "prepare_training",
+           "list_volumes"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import ConcatDataset, DataLoader
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from ..data import SliceDataset, augmentation_transforms, ensure_demo_dataset, fewshot_command, read_manifest
 
@@ -47,17 +48,27 @@ class FewShotExperiment:
 
     @property
     def num_classes(self) -> int:
-        return self.train_dataset.num_classes
+        """Foreground classes N (the network emits N + 1 channels, background first)."""
+        return self.train_dataset.num_classes - 1
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return self.train_dataset.class_names
+        """Foreground class names, by class index 1..N."""
+        return self.train_dataset.class_names[1:]
 
-    def train_loader(self, batch_size: int, steps_per_epoch: int, num_workers: int = 0) -> DataLoader:
+    def train_loader(self, batch_size: int, steps_per_epoch: int, num_workers: int = 0,
+                     distributed: bool = False) -> DataLoader:
         """``steps_per_epoch`` shuffled batches per epoch, cycling through the k slices (each
-        pass draws new augmentations); a batch never exceeds k distinct slices."""
+        pass draws new augmentations); a batch never exceeds k distinct slices.
+
+        ``distributed``: each process of a ``torchrun`` job takes its share of the batches
+        (MONAI's trainer sets the sampler's epoch), so the global batch is world_size x batch.
+        """
         k = len(self.train_dataset)
         batch = min(batch_size, k)
-        repeats = max(1, -(-batch * steps_per_epoch // k))
+        world = torch.distributed.get_world_size() if distributed else 1
+        repeats = max(1, -(-batch * steps_per_epoch * world // k))
         data = ConcatDataset([self.train_dataset] * repeats)
-        return DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=num_workers)
+        sampler = DistributedSampler(data, shuffle=True, drop_last=True) if distributed else None
+        return DataLoader(data, batch_size=batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                          num_workers=num_workers)

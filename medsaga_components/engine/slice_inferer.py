@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
 
 from ..data.square_resize import square_geometry
 
@@ -37,7 +39,9 @@ class SquareSliceInferer(Inferer):
         if inputs.ndim != 5:
             raise ValueError(f"expected a volume [B, C, X, Y, Z], got {tuple(inputs.shape)}")
         dim = 2 + self.axis
-        moved = inputs.movedim(dim, 1)  # [B, D, C, H, W]
+        # Work on plain tensors; the volume's metadata (affine, file name) is put back at the end.
+        volume = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        moved = volume.movedim(dim, 1)  # [B, D, C, H, W]
         b, depth, c, h, w = moved.shape
         geometry = square_geometry(h, w, self.image_size)
         slices = moved.reshape(b * depth, c, h, w).float()
@@ -49,5 +53,5 @@ class SquareSliceInferer(Inferer):
             chunk = F.pad(chunk, (0, self.image_size - chunk.shape[-1], 0, self.image_size - chunk.shape[-2]))
             logits = network(chunk, *args, **kwargs)[..., :geometry.resized_height, :geometry.resized_width]
             outputs.append(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False))
-        logits = torch.cat(outputs).reshape(b, depth, -1, h, w)  # [B, D, N+1, H, W]
-        return logits.movedim(1, dim)
+        logits = torch.cat(outputs).reshape(b, depth, -1, h, w).movedim(1, dim)  # [B, N+1, X, Y, Z]
+        return convert_to_dst_type(logits, inputs)[0] if isinstance(inputs, MetaTensor) else logits

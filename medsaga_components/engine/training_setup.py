@@ -49,5 +49,6 @@ def prepare_training(trainer: Engine, network: nn.Module, optimizer, lr_schedule
             raise ImportError("tensorboard=True needs the tensorboard package: pip install 'medsaga[tracking]'") from exc
         TensorBoardStatsHandler(log_dir=str(Path(output_dir) / "tensorboard"), tag_name="train_loss",
                                 output_transform=from_engine(["loss"], first=True)).attach(trainer)
+    # Built on every rank: ignite's saver synchronises ranks when constructed and writes on rank 0 only.
     CheckpointSaver(save_dir=str(checkpoint_dir), save_dict=save_dict, save_interval=1, n_saved=1, save_final=True,
                     final_filename="final.pt").attach(trainer)

@@ -1,0 +1,33 @@
+"""Which volumes an inference run segments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+
+
+def list_volumes(dataset_dir: str | Path) -> list[dict[str, str]]:
+    """``[{"image": path}]`` for every volume to segment in ``dataset_dir``.
+
+    A folder with a Decathlon ``dataset.json`` gives its ``test`` images (paths relative to
+    the file); any other folder gives its NIfTI files, sorted. An empty result is an error
+    that names the folder, not an inference run that silently writes nothing.
+    """
+    folder = Path(dataset_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset_dir {folder} is not a folder of NIfTI volumes")
+    description = folder / "dataset.json"
+    if description.is_file():
+        entries = json.loads(description.read_text()).get("test", [])
+        images = [folder / (e["image"] if isinstance(e, dict) else e) for e in entries]
+    else:
+        images = sorted(p for p in folder.iterdir() if p.name.endswith(VOLUME_SUFFIXES))
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{description}: test images not found: {missing}")
+    if not images:
+        raise FileNotFoundError(f"no volumes to segment in {folder}: expected *.nii.gz files or a dataset.json "
+                                "with a 'test' list")
+    return [{"image": str(p)} for p in images]

@@ -1,0 +1,139 @@
+"""The medsaga bundle end to end: properties, training, evaluation, inference, resume, torchrun."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
+from medsaga_components import SamSegmenter
+from medsaga_components.data import write_demo_dataset
+
+pytestmark = pytest.mark.slow
+BUNDLE = REPO / "bundles" / "medsaga"
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "mni152_demo"
+    write_demo_dataset(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_dir):
+    """One tiny training run shared by the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("bundle")
+    shutil.copytree(BUNDLE / "configs", root / "configs")
+    done = run_bundle("training", configs("medsaga", "train"), "--bundle_root", str(root),
+                      "--dataset_dir", str(demo_dir), *TINY_TRAINING)
+    return root, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("config,workflow_type", [("train", "train"), ("inference", "infer")])
+def test_config_properties(config, workflow_type, tmp_path, demo_dir):
+    workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / f"{config}.json"), workflow_type=workflow_type,
+                              meta_file=str(BUNDLE / "configs" / "metadata.json"),
+                              logging_file=str(BUNDLE / "configs" / "logging.conf"), bundle_root=str(tmp_path),
+                              dataset_dir=str(demo_dir), backbone="lite_medsam_tiny", checkpoint=None, image_size=64)
+    if workflow_type == "infer":
+        (tmp_path / "models").mkdir()
+        torch.save(SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64).state_dict(),
+                   tmp_path / "models" / "model.pt")
+    workflow.initialize()  # MONAI 1.6 reads the properties from the initialized workflow
+    assert workflow.check_properties() == []
+
+
+def test_training_saves_a_plain_model_and_a_test_report(trained):
+    root, log = trained
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    plain = SamSegmenter("lite_medsam_tiny", num_classes=2, checkpoint=None, image_size=64)
+    plain.load_state_dict(state, strict=True)
+    report = json.loads((root / "eval" / "evaluation.json").read_text())
+    classes = [c for volume in report["volumes"] for c in volume["classes"]]
+    assert {c["name"] for c in classes} == {"grey matter", "white matter"}
+    assert len(report["volumes"]) == 2 and all(0.0 <= c["dice"] <= 1.0 for c in classes)
+    assert list((root / "eval" / "overlays").glob("*.png"))
+    manifest = json.loads((root / "eval" / "fewshot_manifest.json").read_text())
+    assert manifest["k"] == 5
+    assert "val_mean_dice" in log
+
+
+def test_evaluating_rewrites_the_report_from_model_pt(trained, demo_dir):
+    root, _ = trained
+    report = root / "eval" / "evaluation.json"
+    report.unlink()
+    run_bundle("evaluating", configs("medsaga", "train", "evaluate"), "--bundle_root", str(root),
+               "--dataset_dir", str(demo_dir), *TINY_TRAINING)
+    assert json.loads(report.read_text())["volumes"]
+
+
+def test_inference_writes_label_maps_with_the_input_geometry(trained, demo_dir):
+    root, _ = trained
+    out = root / "eval" / "inference"
+    run_bundle("inference", configs("medsaga", "inference"), "--bundle_root", str(root),
+               "--dataset_dir", str(demo_dir), "--backbone", "lite_medsam_tiny", "--image_size", "64")
+    outputs = sorted(out.glob("*_seg.nii.gz"))
+    inputs = json.loads((demo_dir / "dataset.json").read_text())["test"]
+    assert len(outputs) == len(inputs)
+    for entry, written in zip(sorted(inputs, key=lambda e: e["image"]), outputs):
+        source = nib.load(demo_dir / entry["image"])
+        seg = nib.load(written)
+        assert seg.shape == source.shape
+        np.testing.assert_allclose(seg.affine, source.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2}
+
+
+def test_resume_continues_where_training_stopped(tmp_path, demo_dir):
+    shutil.copytree(BUNDLE / "configs", tmp_path / "configs")
+    common = ["--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir), *TINY_TRAINING]
+    run_bundle("training", configs("medsaga", "train"), *common, "--epochs", "1")
+    done = run_bundle("training", configs("medsaga", "train"), *common, "--epochs", "2", "--resume", "True")
+    log = done.stdout + done.stderr
+    assert "resuming from" in log
+    assert "Epoch: 1/2" not in log and "Epoch: 2/2" in log
+    final = torch.load(tmp_path / "models" / "checkpoints" / "final.pt", weights_only=True)
+    assert final["trainer"]["epoch"] == 2 and final["trainer"]["iteration"] == 4
+
+
+def test_bad_overrides_fail_with_the_key_named(tmp_path, demo_dir):
+    shutil.copytree(BUNDLE / "configs", tmp_path / "configs")
+    done = run_bundle("training", configs("medsaga", "train"), "--bundle_root", str(tmp_path),
+                      "--dataset_dir", str(demo_dir), *TINY_TRAINING, "--shots", "0", check=False)
+    assert done.returncode != 0 and "shots must be positive" in done.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "x"}, "modality": {"0": "MRI"},
+                                                     "training": [{"image": "missing.nii.gz", "label": "m.nii.gz"}]}))
+    done = run_bundle("training", configs("medsaga", "train"), "--bundle_root", str(tmp_path),
+                      "--dataset_dir", str(broken), *TINY_TRAINING, check=False)
+    assert done.returncode != 0 and "missing.nii.gz" in done.stderr
+
+
+def test_torchrun_two_processes(tmp_path, demo_dir):
+    """Real distributed training: two CPU processes with the gloo backend."""
+    shutil.copytree(BUNDLE / "configs", tmp_path / "configs")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    run_bundle("training", configs("medsaga", "train", "multi_gpu_train"), "--bundle_root", str(tmp_path),
+               "--dataset_dir", str(demo_dir), *TINY_TRAINING, launcher=launcher)
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state), "the exported model must be the unwrapped network"
+    assert (tmp_path / "eval" / "evaluation.json").is_file()
+
+
+def test_metadata_and_network_io_verify():
+    meta = str(BUNDLE / "configs" / "metadata.json")
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta,
+                           "--filepath", str(REPO / "bundles" / "meta_schema.json")], capture_output=True, text=True)
+    assert done.returncode == 0 and "metadata is verified with no error" in (done.stdout + done.stderr), done.stderr
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", meta,
+                           "--config_file", str(BUNDLE / "configs" / "inference.json"), "--bundle_root", str(BUNDLE),
+                           "--backbone", "lite_medsam_tiny"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and "data shape of network is verified with no error" in (done.stdout + done.stderr), \
+        done.stderr[-3000:]
