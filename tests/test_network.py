@@ -78,6 +78,8 @@ def test_new_prompt_kinds_plug_in_without_changing_the_segmenter():
 
     net = SamSegmenter("vit_tiny", num_classes=1, checkpoint=None, image_size=64,
                        prompt=ShiftedNoPrompt(1, 32)).eval()
+    for mlp in net.backbone.mask_decoder.output_hypernetworks_mlps:  # as after training: non-zero heads
+        torch.nn.init.normal_(mlp.layers[-1].weight)
     plain = SamSegmenter("vit_tiny", num_classes=1, checkpoint=None, image_size=64).eval()
     plain.load_state_dict(net.state_dict())
     x = torch.rand(1, 1, 64, 64)
