@@ -14,6 +14,7 @@ methods they compare are the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
@@ -22,7 +23,9 @@ from torch import nn
 from .adapters import LoraConfig, SvdConfig, inject_lora, inject_svd, mark_only_lora_trainable
 from .adapters.galore import GaloreConfig, build_galore_optimizer
 from .backbones.checkpoints import load_state_dict_strict, read_state_dict
+from .backbones import build_backbone
 from .network import SamSegmenter
+from .prompts import ClassTokenPrompt, PromptKind, name_keyed_embeddings
 
 
 @dataclass(frozen=True)
@@ -53,15 +56,34 @@ def get_method(name: str) -> Method:
 
 def build_network(method: str, backbone: str = "lite_medsam", num_classes: int = 1,
                   checkpoint: str | None = "pretrained", image_size: int | None = None,
-                  weights: str | None = None) -> SamSegmenter:
+                  weights: str | None = None, class_names: Sequence[str] | None = None,
+                  class_embeddings: str | None = None, decompose: bool = True) -> SamSegmenter:
     """The method's network: the backbone with the method's prompt kind and adapters injected.
 
-    ``weights``: a plain ``model.pt`` (as the bundles export) loaded before the adapters are
-    injected, to fine-tune a previously trained model.
+    Args:
+        weights: a plain ``model.pt`` (as the bundles export) loaded before the adapters are
+            injected, to fine-tune a previously trained model.
+        class_names, class_embeddings: for class-token prompts (S-SAM), the tokens start from
+            the embeddings in the file ``class_embeddings`` (a ``[N, E]`` tensor saved with
+            torch.save, e.g. from a text encoder) or else from embeddings keyed by the names.
+        decompose: S-SAM computes each weight's SVD when injected; False leaves the factors
+            empty, to be filled by ``load_state_dict`` (or to count parameters quickly).
     """
     spec = get_method(method)
-    network = SamSegmenter(backbone, num_classes=num_classes, checkpoint=checkpoint, image_size=image_size,
-                           prompt=spec.prompt)
+    sam = build_backbone(backbone, image_size=image_size, checkpoint=checkpoint)
+    prompt: str | PromptKind = spec.prompt
+    if spec.prompt == "class_tokens":
+        dim = sam.prompt_encoder.embed_dim
+        if class_embeddings:
+            start = torch.load(class_embeddings, map_location="cpu", weights_only=True)
+        elif class_names:
+            if len(class_names) != num_classes:
+                raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")
+            start = name_keyed_embeddings(class_names, dim)
+        else:
+            start = None
+        prompt = ClassTokenPrompt(num_classes, dim, class_embeddings=start)
+    network = SamSegmenter(sam, num_classes=num_classes, prompt=prompt)
     if weights:
         state = read_state_dict(weights)
         load_state_dict_strict(network, state, weights, f"{method} network ({backbone}, {num_classes} classes)")
@@ -69,7 +91,7 @@ def build_network(method: str, backbone: str = "lite_medsam", num_classes: int =
         inject_lora(network.backbone, LoraConfig(rank=4, target_modules=("qkv",), qkv_parts=("q", "v")))
         mark_only_lora_trainable(network, ("backbone.prompt_encoder", "backbone.mask_decoder"))
     elif method == "ssam":
-        inject_svd(network.backbone, SvdConfig())
+        inject_svd(network.backbone, SvdConfig(), decompose=decompose)
         _mark_ssam_trainable(network)
     return network
 

@@ -11,7 +11,8 @@ does not change.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+import hashlib
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -82,12 +83,22 @@ class PointPrompt(PromptKind):
         return PromptEmbeddings(sparse.view(b, q, *sparse.shape[1:]), dense.expand(b * q, -1, -1, -1).reshape(b, q, *dense.shape[1:]))
 
 
+def name_keyed_embeddings(names: Sequence[str], dim: int, std: float = 0.02) -> torch.Tensor:
+    """``[N, dim]`` starting embeddings keyed by class name: the same name always gets the same
+    vector (a generator seeded by the name's sha256), whatever its position in dataset.json."""
+    rows = []
+    for name in names:
+        seed = int.from_bytes(hashlib.sha256(name.strip().lower().encode()).digest()[:8], "little")
+        rows.append(torch.randn(dim, generator=torch.Generator().manual_seed(seed)) * std)
+    return torch.stack(rows)
+
+
 class ClassTokenPrompt(PromptKind):
     """One learned sparse token per class (S-SAM's class-name prompts); needs no user input.
 
-    ``class_embeddings`` ``[N, E]`` (for example a text encoder's embeddings of the class
-    names) are projected to the prompt dimension; without them each class gets a learned
-    embedding (a table keyed by class index, i.e. by the names' order in dataset.json).
+    ``class_embeddings`` ``[N, E]`` (a text encoder's embeddings of the class names, or
+    :func:`name_keyed_embeddings`) are projected to the prompt dimension and trained; without
+    them each class starts from a small random embedding.
     """
 
     per_class = True

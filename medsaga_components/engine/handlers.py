@@ -59,7 +59,7 @@ class EvaluateOnTestVolumes:
             logger.warning("%s not found: evaluating the final weights", self.model_path)
         network.to(self.device).eval()
         summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size)
-        logger.info("test mean Dice %s -> %s", summary.get("mean", {}), self.output_dir)
+        logger.info("test mean Dice %.4f -> %s", summary["mean_dice"], self.output_dir)
         return summary
 
 

@@ -40,6 +40,7 @@ def evaluate_slice_dataset(
     batch_size: int = 4,
     overlay_slices: int = 3,
     save_predictions: bool = True,
+    predict_from_batch: bool = False,
 ) -> dict:
     """Run ``predict`` over ``dataset`` and evaluate per volume.
 
@@ -47,6 +48,8 @@ def evaluate_slice_dataset(
         dataset: slices covering contiguous ranges of each evaluated volume, with labels
             (e.g. ``SliceDataset.from_manifest(m, part="test")``).
         predict: images [B, 1, S, S] float -> class indices [B, S, S] (or [B, 1, S, S]).
+        predict_from_batch: call ``predict(batch)`` with the whole sample dict instead (for
+            reference predictors that take prompts from the ground truth, e.g. boxes).
         out_dir: receives ``predictions/<name>.nii.gz``, ``overlays/*.png``, ``evaluation.json/.md``.
 
     Returns:
@@ -55,7 +58,7 @@ def evaluate_slice_dataset(
     out_dir = Path(out_dir)
     assembler = VolumeAssembler()
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        assembler.add_batch(predict(batch["image"]), batch)
+        assembler.add_batch(predict(batch) if predict_from_batch else predict(batch["image"]), batch)
     labels_of = {ref.volume: ref.label for ref in dataset.slices}
     results, files = [], {"predictions": [], "overlays": []}
     for assembled in assembler.volumes():

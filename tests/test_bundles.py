@@ -1,4 +1,6 @@
-"""The medsaga bundle end to end: properties, training, evaluation, inference, resume, torchrun."""
+"""The bundles end to end, as users run them: properties, training, evaluation, inference,
+resume, torchrun, metadata. Every bundle gets the core checks; the run-mechanics checks that
+are the same code for all (resume, torchrun, bad overrides) run on medsaga."""
 
 import json
 import shutil
@@ -17,6 +19,8 @@ from medsaga_components.data import write_demo_dataset
 
 pytestmark = pytest.mark.slow
 BUNDLE = REPO / "bundles" / "medsaga"
+ALL_BUNDLES = ("medsaga", "samed", "ssam")
+PROMPT_OF = {"medsaga": "none", "samed": "none", "ssam": "class_tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -26,35 +30,40 @@ def demo_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_dir):
-    """One tiny training run shared by the tests that read its outputs."""
-    root = tmp_path_factory.mktemp("bundle")
-    shutil.copytree(BUNDLE / "configs", root / "configs")
-    done = run_bundle("training", configs("medsaga", "train"), "--bundle_root", str(root),
+@pytest.fixture(scope="module", params=ALL_BUNDLES)
+def trained(request, tmp_path_factory, demo_dir):
+    """One tiny training run per bundle, shared by the tests that read its outputs."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    shutil.copytree(REPO / "bundles" / name / "configs", root / "configs")
+    done = run_bundle("training", configs(name, "train"), "--bundle_root", str(root),
                       "--dataset_dir", str(demo_dir), *TINY_TRAINING)
-    return root, done.stdout + done.stderr
+    return name, root, done.stdout + done.stderr
 
 
+def _plain_network(bundle):
+    return SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64, prompt=PROMPT_OF[bundle])
+
+
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
 @pytest.mark.parametrize("config,workflow_type", [("train", "train"), ("inference", "infer")])
-def test_config_properties(config, workflow_type, tmp_path, demo_dir):
-    workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / f"{config}.json"), workflow_type=workflow_type,
-                              meta_file=str(BUNDLE / "configs" / "metadata.json"),
-                              logging_file=str(BUNDLE / "configs" / "logging.conf"), bundle_root=str(tmp_path),
-                              dataset_dir=str(demo_dir), backbone="lite_medsam_tiny", checkpoint=None, image_size=64)
+def test_config_properties(bundle, config, workflow_type, tmp_path, demo_dir):
+    folder = REPO / "bundles" / bundle / "configs"
+    workflow = ConfigWorkflow(config_file=str(folder / f"{config}.json"), workflow_type=workflow_type,
+                              meta_file=str(folder / "metadata.json"), logging_file=str(folder / "logging.conf"),
+                              bundle_root=str(tmp_path), dataset_dir=str(demo_dir), backbone="lite_medsam_tiny",
+                              checkpoint=None, image_size=64)
     if workflow_type == "infer":
         (tmp_path / "models").mkdir()
-        torch.save(SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64).state_dict(),
-                   tmp_path / "models" / "model.pt")
+        torch.save(_plain_network(bundle).state_dict(), tmp_path / "models" / "model.pt")
     workflow.initialize()  # MONAI 1.6 reads the properties from the initialized workflow
     assert workflow.check_properties() == []
 
 
 def test_training_saves_a_plain_model_and_a_test_report(trained):
-    root, log = trained
+    bundle, root, log = trained
     state = torch.load(root / "models" / "model.pt", weights_only=True)
-    plain = SamSegmenter("lite_medsam_tiny", num_classes=2, checkpoint=None, image_size=64)
-    plain.load_state_dict(state, strict=True)
+    _plain_network(bundle).load_state_dict(state, strict=True)
     report = json.loads((root / "eval" / "evaluation.json").read_text())
     classes = [c for volume in report["volumes"] for c in volume["classes"]]
     assert {c["name"] for c in classes} == {"grey matter", "white matter"}
@@ -66,18 +75,18 @@ def test_training_saves_a_plain_model_and_a_test_report(trained):
 
 
 def test_evaluating_rewrites_the_report_from_model_pt(trained, demo_dir):
-    root, _ = trained
+    bundle, root, _ = trained
     report = root / "eval" / "evaluation.json"
     report.unlink()
-    run_bundle("evaluating", configs("medsaga", "train", "evaluate"), "--bundle_root", str(root),
+    run_bundle("evaluating", configs(bundle, "train", "evaluate"), "--bundle_root", str(root),
                "--dataset_dir", str(demo_dir), *TINY_TRAINING)
     assert json.loads(report.read_text())["volumes"]
 
 
 def test_inference_writes_label_maps_with_the_input_geometry(trained, demo_dir):
-    root, _ = trained
+    bundle, root, _ = trained
     out = root / "eval" / "inference"
-    run_bundle("inference", configs("medsaga", "inference"), "--bundle_root", str(root),
+    run_bundle("inference", configs(bundle, "inference"), "--bundle_root", str(root),
                "--dataset_dir", str(demo_dir), "--backbone", "lite_medsam_tiny", "--image_size", "64")
     outputs = sorted(out.glob("*_seg.nii.gz"))
     inputs = json.loads((demo_dir / "dataset.json").read_text())["test"]
@@ -127,13 +136,15 @@ def test_torchrun_two_processes(tmp_path, demo_dir):
     assert (tmp_path / "eval" / "evaluation.json").is_file()
 
 
-def test_metadata_and_network_io_verify():
-    meta = str(BUNDLE / "configs" / "metadata.json")
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
+def test_metadata_and_network_io_verify(bundle):
+    folder = REPO / "bundles" / bundle
+    meta = str(folder / "configs" / "metadata.json")
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta,
                            "--filepath", str(REPO / "bundles" / "meta_schema.json")], capture_output=True, text=True)
     assert done.returncode == 0 and "metadata is verified with no error" in (done.stdout + done.stderr), done.stderr
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", meta,
-                           "--config_file", str(BUNDLE / "configs" / "inference.json"), "--bundle_root", str(BUNDLE),
+                           "--config_file", str(folder / "configs" / "inference.json"), "--bundle_root", str(folder),
                            "--backbone", "lite_medsam_tiny"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0 and "data shape of network is verified with no error" in (done.stdout + done.stderr), \
         done.stderr[-3000:]

@@ -1,0 +1,84 @@
+"""Reference points for a few-shot run, on the same held-out test volumes and evaluation code.
+
+* ``zero_shot_boxes``: pretrained LiteMedSAM, no training, one box per class taken from the
+  ground truth of each slice (an upper bound on what box prompting gives a user for free).
+* ``unet_from_scratch``: MONAI's BasicUNet trained on the same k slices, for the same wall
+  time a SAM method took, with the same augmentation and loss.
+
+``medsaga baseline --kind zero_shot_boxes|unet_from_scratch --dataset_dir ... --out DIR``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import BasicUNet
+
+from .backbones import build_backbone
+from .engine.experiment import FewShotExperiment
+from .engine.handlers import evaluate_test_volumes
+from .evaluation import evaluate_slice_dataset
+
+
+@torch.no_grad()
+def zero_shot_boxes(experiment: FewShotExperiment, out_dir: str | Path) -> dict:
+    """Evaluate pretrained LiteMedSAM prompted with each class's ground-truth box per slice.
+
+    A pixel takes the class whose mask logit is highest among those above 0; classes absent
+    from a slice get no box and cannot be predicted there.
+    """
+    backbone = build_backbone("lite_medsam", image_size=experiment.image_size).eval()
+
+    def predict(batch: dict) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"][:, 0]
+        best = torch.zeros_like(labels, dtype=torch.float32)
+        classes = torch.zeros_like(labels)
+        for i in range(images.shape[0]):
+            for c in range(1, experiment.num_classes + 1):
+                ys, xs = torch.nonzero(labels[i] == c, as_tuple=True)
+                if ys.numel() == 0:
+                    continue
+                box = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()[None]
+                logits = backbone.predict_with_boxes(images[i:i + 1], box)[0, 0]
+                take = (logits > 0) & (logits > best[i])
+                classes[i][take] = c
+                best[i] = torch.maximum(best[i], logits)
+        return classes
+
+    return evaluate_slice_dataset(experiment.test_dataset, predict, out_dir, predict_from_batch=True)
+
+
+def unet_from_scratch(experiment: FewShotExperiment, out_dir: str | Path, seconds: float, batch_size: int = 5,
+                      lr: float = 1e-3, device: str = "cpu") -> dict:
+    """Train BasicUNet on the few-shot slices for ``seconds`` of wall time, then evaluate."""
+    torch.manual_seed(0)
+    network = BasicUNet(spatial_dims=2, in_channels=1, out_channels=experiment.num_classes + 1).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.01)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.2, lambda_dice=0.8)
+    start, steps = time.monotonic(), 0
+    while time.monotonic() - start < seconds:
+        for batch in experiment.train_loader(batch_size, steps_per_epoch=1):
+            loss = loss_fn(network(batch["image"].to(device)), batch["label"].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    network.eval()
+    summary = evaluate_test_volumes(network, experiment.test_dataset, out_dir, device)
+    return {**summary, "training_steps": steps, "training_seconds": time.monotonic() - start}
+
+
+def baseline_command(kind: str, dataset_dir: str, out: str, shots: float = 5, seed: int = 0, image_size: int = 256,
+                     seconds: float = 600.0) -> dict:
+    """Run one baseline and write its report into ``out`` (returns the mean Dice per class)."""
+    experiment = FewShotExperiment(dataset_dir, out, shots=shots, seed=seed, image_size=image_size)
+    if kind == "zero_shot_boxes":
+        summary = zero_shot_boxes(experiment, out)
+    elif kind == "unet_from_scratch":
+        summary = unet_from_scratch(experiment, out, seconds=seconds)
+    else:
+        raise ValueError(f"kind must be 'zero_shot_boxes' or 'unet_from_scratch', got {kind!r}")
+    return {c["name"]: round(c["mean_dice"], 4) for c in summary["per_class"]} | {"mean": round(summary["mean_dice"], 4)}

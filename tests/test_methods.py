@@ -1,0 +1,79 @@
+"""Method registry: exactly the intended parameters train; merged exports equal the adapted networks."""
+
+import pytest
+import torch
+
+from medsaga_components import SamSegmenter
+from medsaga_components.adapters import count_parameters
+from medsaga_components.engine import plain_state_dict
+from medsaga_components.methods import METHODS, build_loss, build_network, build_optimizer
+
+
+def _trainable(network):
+    return sorted(n for n, p in network.named_parameters() if p.requires_grad)
+
+
+def test_samed_trains_lora_prompt_encoder_and_decoder_only():
+    net = build_network("samed", "vit_tiny", num_classes=2, checkpoint=None, image_size=64)
+    names = _trainable(net)
+    encoder = [n for n in names if n.startswith("backbone.image_encoder")]
+    assert encoder == [f"backbone.image_encoder.blocks.{b}.attn.qkv.lora.{part}.{m}"
+                       for b in (0, 1) for part in ("q", "v") for m in ("A", "B")]
+    rest = {n.split(".")[1] for n in names if not n.startswith("backbone.image_encoder")}
+    assert rest == {"prompt_encoder", "mask_decoder"}
+    assert all(p.requires_grad for p in net.backbone.mask_decoder.parameters())
+
+
+def test_ssam_trains_singular_values_norms_pos_embed_and_class_prompts_only():
+    net = build_network("ssam", "vit_tiny", num_classes=2, checkpoint=None, image_size=64,
+                        class_names=["grey matter", "white matter"])
+    names = _trainable(net)
+    svd = [n for n in names if n.endswith((".scale", ".shift"))]
+    # 2 blocks x (qkv, proj, lin1, lin2) + the two neck convolutions, each with a and b.
+    assert len(svd) == 2 * (2 * 4 + 2)
+    assert "backbone.image_encoder.pos_embed" in names
+    assert {"prompt.class_embeddings", "prompt.projection.weight", "prompt.projection.bias"} <= set(names)
+    others = [n for n in names if n not in svd and n != "backbone.image_encoder.pos_embed"
+              and not n.startswith("prompt.")]
+    norm_types = ("LayerNorm", "LayerNorm2d", "BatchNorm2d")
+    owners = {type(net.get_submodule(n.rsplit(".", 1)[0])).__name__ for n in others}
+    assert others and owners <= set(norm_types), owners
+    assert not any("transformer.layers.0.mlp" in n or n.endswith("qkv.weight") for n in names)
+
+
+@pytest.mark.parametrize("method,prompt", [("samed", "none"), ("ssam", "class_tokens")])
+def test_merged_export_equals_the_adapted_network(method, prompt):
+    net = build_network(method, "vit_tiny", num_classes=2, checkpoint=None, image_size=64).eval()
+    with torch.no_grad():  # move every adapter away from its identity start, as training would
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    plain = SamSegmenter("vit_tiny", num_classes=2, checkpoint=None, image_size=64, prompt=prompt).eval()
+    plain.load_state_dict(plain_state_dict(net), strict=True)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        adapted, merged = net(x), plain(x)
+    assert adapted.abs().max() > 0
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_takes_a_training_step(method):
+    net = build_network(method, "lite_medsam_tiny", num_classes=2, checkpoint=None, image_size=64)
+    optimizer = build_optimizer(method, net)
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    loss = build_loss(method)(net(torch.rand(2, 1, 64, 64)), torch.randint(0, 3, (2, 1, 64, 64)))
+    loss.backward()
+    optimizer.step()
+    changed = [n for n, p in net.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed and torch.isfinite(loss)
+
+
+def test_ssam_trainable_fraction_at_256_px_is_below_one_percent():
+    """S-SAM's "0.4 % of SAM" holds at 256 px: the position embedding grows with the image."""
+    net = build_network("ssam", "vit_b", num_classes=2, checkpoint=None, image_size=256, decompose=False)
+    # Against plain SAM: in the adapted network the frozen weights live in SVD buffers.
+    sam = SamSegmenter("vit_b", num_classes=2, checkpoint=None, image_size=256, prompt="class_tokens")
+    fraction = count_parameters(net) / count_parameters(sam, trainable_only=False)
+    print(f"S-SAM, ViT-B at 256 px: {count_parameters(net):,} trainable = {100 * fraction:.2f} %")
+    assert 0.002 < fraction < 0.01
