@@ -10,6 +10,8 @@ def main() -> None:
         {
             "demo-data": _lazy("medsaga_components.data.demo", "write_demo_dataset"),
             "fewshot": _lazy("medsaga_components.data.fewshot", "fewshot_command"),
+            "benchmark": _lazy("medsaga_components.benchmark", "benchmark_command"),
+            "baseline": _lazy("medsaga_components.baselines", "baseline_command"),
         },
         name="medsaga",
     )

@@ -1,0 +1,109 @@
+"""``medsaga benchmark`` end to end on a tiny backbone, plus its naming and byte counting."""
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsaga_components.benchmark import _method_list, parse_method_variant, tensor_bytes_in
+from medsaga_components.engine.memory import MemoryConfig
+
+METHODS = ["samed", "medsaga_efficient"]  # two fresh processes keep the test short
+POSITIVE_FIELDS = ["trainable_parameters", "total_parameters", "weight_bytes", "gradient_bytes_at_once",
+                   "optimizer_state_bytes", "memory_baseline_bytes", "memory_ready_bytes", "peak_memory_bytes",
+                   "peak_above_baseline_bytes", "activation_bytes_total", "activation_bytes_largest_segment",
+                   "memory_floor_bytes", "median_step_time_s"]
+OTHER_FIELDS = ["method", "base_method", "memory_config", "backbone", "image_size", "batch", "steps", "device",
+                "memory_measure", "training_increment_bytes", "largest_segment", "activation_bytes_outside_segments",
+                "step_times_s", "timing_includes_warmup", "losses", "cpu_allocator", "load_average_1min"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    exe = shutil.which("medsaga") or str(Path(sys.executable).parent / "medsaga")
+    command = [exe, "benchmark", "--backbone", "vit_tiny", "--image_size", "32", "--batch", "2", "--steps", "3",
+               "--methods", ",".join(METHODS), "--out", str(out), "--threads", "1"]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, json.loads((out / "benchmark.json").read_text()), (out / "benchmark.md").read_text()
+
+
+def test_every_method_ran_in_its_own_process_with_every_field(report):
+    out, data, _ = report
+    assert list(data["methods"]) == METHODS
+    assert data["settings"]["backbone"] == "vit_tiny" and data["settings"]["batch"] == 2
+    assert "random" in data["data"]
+    for name, result in data["methods"].items():
+        assert (out / f"{name}.json").exists() and (out / f"{name}.log").exists()
+        missing = [f for f in POSITIVE_FIELDS + OTHER_FIELDS if f not in result]
+        assert not missing, (name, missing)
+        assert all(result[f] > 0 for f in POSITIVE_FIELDS), name
+        assert result["peak_memory_bytes"] >= result["memory_ready_bytes"] >= result["memory_baseline_bytes"]
+        assert len(result["step_times_s"]) == 3 and not result["timing_includes_warmup"]
+        assert result["median_step_time_s"] == pytest.approx(statistics.median(result["step_times_s"][1:]))
+        assert result["memory_floor_bytes"] == (result["weight_bytes"] + result["gradient_bytes_at_once"]
+                                                + result["optimizer_state_bytes"]
+                                                + result["activation_bytes_largest_segment"])
+        assert all(torch.isfinite(torch.tensor(result["losses"])))
+    efficient = data["methods"]["medsaga_efficient"]
+    assert efficient["base_method"] == "medsaga" and all(efficient["memory_config"].values())
+    assert not any(data["methods"]["samed"]["memory_config"].values())
+    # per-layer steps: only the largest single gradient is counted, not all of them
+    assert efficient["gradient_bytes_at_once"] < 4 * efficient["trainable_parameters"]
+    samed = data["methods"]["samed"]
+    assert samed["gradient_bytes_at_once"] == 4 * samed["trainable_parameters"]
+
+
+def test_ratios_match_the_raw_numbers(report):
+    _, data, _ = report
+    methods, ratios = data["methods"], data["ratios"]
+    for name in METHODS:
+        for field in ("peak_memory_bytes", "peak_above_baseline_bytes", "median_step_time_s", "optimizer_state_bytes",
+                      "trainable_parameters"):
+            assert ratios[name][f"{field}/samed"] == pytest.approx(methods[name][field] / methods["samed"][field])
+        assert not any(key.endswith("/full") for key in ratios[name])  # full did not run: no ratio to it
+    assert ratios["samed"]["peak_memory_bytes/samed"] == 1.0
+
+
+def test_markdown_has_a_row_per_method_in_both_tables(report):
+    _, data, markdown = report
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    for name in METHODS:
+        mine = [r for r in rows if r.startswith(f"| {name} |")]
+        assert len(mine) == 2, (name, mine)  # absolute figures, ratios
+        peak_vs_samed = f"{data['ratios'][name]['peak_memory_bytes/samed']:.2f}"
+        cells = [c.strip() for c in mine[1].split("|")[2:-1]]
+        assert cells[0] == "n/a" and cells[1] == peak_vs_samed  # peak / full, peak / samed
+        assert f"{data['methods'][name]['trainable_parameters']:,}" in mine[0]
+
+
+def test_method_variants_name_their_switches():
+    assert parse_method_variant("samed") == ("samed", MemoryConfig.off())
+    assert parse_method_variant("medsaga_efficient") == ("medsaga", MemoryConfig())
+    base, config = parse_method_variant("medsaga+ckpt+layerwise")
+    assert base == "medsaga" and config.activation_checkpointing and config.layerwise_steps
+    assert not config.bf16_autocast and not config.frozen_without_grad
+    with pytest.raises(ValueError, match="unknown switch"):
+        parse_method_variant("medsaga+fast")
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method_variant("lora_efficient")
+    # fire hands "a,b" over as a tuple and "a,b+c" as one string
+    assert _method_list(("full", "samed")) == _method_list("full,samed") == ["full", "samed"]
+
+
+def test_optimizer_state_bytes_include_projection_matrices():
+    class Projector:  # the shape of galore-torch's GaLoreProjector
+        def __init__(self):
+            self.rank = 4
+            self.ortho_matrix = torch.zeros(4, 32)
+
+    shared = torch.zeros(10)
+    state = {0: {"step": 3, "exp_avg": torch.zeros(96, 4), "projector": Projector(), "alias": shared},
+             1: {"exp_avg": shared}}
+    assert tensor_bytes_in(state) == 4 * (96 * 4 + 4 * 32 + 10)
