@@ -43,6 +43,27 @@ def test_encoder_rank_groups_hold_projected_state(backbone, size):
         assert not torch.equal(p.detach(), before[name]), f"{name} did not change"
 
 
+def test_projection_comes_from_the_first_nonzero_gradient():
+    """The class heads start at zero, so step 1 sends an all-zero gradient to the encoder. A
+    projection fixed from it would be coordinate axes for ``update_proj_gap`` steps; instead
+    it is taken at step 2 and spans the top-r singular vectors of that step's gradient."""
+    net = SamSegmenter("vit_tiny", num_classes=2, checkpoint=None, image_size=64)
+    config = GaloreConfig(rank=4, update_proj_gap=200)
+    optimizer = build_galore_optimizer(net, config, lr=1e-3)
+    targets = galore_target_weights(net.backbone.image_encoder, config)
+    _one_step(net, optimizer, 64)
+    assert all(not p.grad.any() for p in targets.values())
+    assert all("projector" not in optimizer.state[p] for p in targets.values())
+    _one_step(net, optimizer, 64)
+    for name, p in targets.items():
+        grad = p.grad.detach()
+        assert grad.any(), name
+        ortho = optimizer.state[p]["projector"].ortho_matrix
+        projected = grad @ ortho.t() if grad.shape[0] >= grad.shape[1] else ortho.t() @ grad
+        top_r = torch.linalg.svdvals(grad)[:4].square().sum()
+        assert torch.allclose(projected.square().sum(), top_r, rtol=1e-3), name
+
+
 def test_only_targets_train_in_the_encoder_and_the_decoder_trains_fully():
     net = SamSegmenter("vit_tiny", num_classes=2, checkpoint=None, image_size=64)
     build_galore_optimizer(net, GaloreConfig(rank=4))
@@ -68,6 +89,7 @@ def test_optimizer_state_reloads_under_weights_only():
     net = SamSegmenter("vit_tiny", num_classes=1, checkpoint=None, image_size=64)
     optimizer = build_galore_optimizer(net, GaloreConfig(rank=4), lr=1e-3)
     _one_step(net, optimizer, 64)
+    _one_step(net, optimizer, 64)  # the first step sends no gradient to the encoder
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)

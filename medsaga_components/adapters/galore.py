@@ -11,6 +11,7 @@ optimiser state really has rank r.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -91,11 +92,42 @@ def allow_galore_state_in_checkpoints() -> None:
     torch.serialization.add_safe_globals([GaLoreProjector])
 
 
+@functools.cache  # one class, imported lazily: galore-torch takes ~10 s to import
+def _galore_adamw_class() -> type[torch.optim.Optimizer]:
+    """``GaLoreAdamW`` that does not fix a projection from an all-zero gradient.
+
+    galore-torch computes each weight's projection from the first gradient it sees and keeps
+    it for ``update_proj_gap`` steps. An all-zero gradient (the first step of a SamSegmenter,
+    whose class heads start at zero, sends none to the encoder) has no subspace: its SVD
+    returns coordinate axes, and the encoder would then train only in its first r rows for
+    the next ``update_proj_gap`` steps. Such a gradient is skipped until a real one arrives.
+    """
+    from galore_torch import GaLoreAdamW
+
+    class ProjectingAdamW(GaLoreAdamW):
+        @torch.no_grad()
+        def step(self, closure=None):
+            held = []
+            for group in self.param_groups:
+                if "rank" not in group:
+                    continue
+                for p in group["params"]:
+                    if p.grad is not None and "projector" not in self.state[p] and not p.grad.any():
+                        held.append((p, p.grad))
+                        p.grad = None
+            try:
+                return super().step(closure)
+            finally:
+                for p, grad in held:
+                    p.grad = grad
+
+    ProjectingAdamW.__qualname__ = ProjectingAdamW.__name__ = "ProjectingAdamW"
+    return ProjectingAdamW
+
+
 def build_galore_optimizer(model: nn.Module, config: GaloreConfig = GaloreConfig(), lr: float = 1e-4,
                            weight_decay: float = 0.0, encoder_name: str = "backbone.image_encoder") -> torch.optim.Optimizer:
     """``GaLoreAdamW`` over :func:`galore_parameter_groups` (galore-torch imported only here: ~10 s)."""
-    from galore_torch import GaLoreAdamW
-
     allow_galore_state_in_checkpoints()
     groups = galore_parameter_groups(model, config, encoder_name=encoder_name, weight_decay=weight_decay)
-    return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, no_deprecation_warning=True)
+    return _galore_adamw_class()(groups, lr=lr, weight_decay=weight_decay, no_deprecation_warning=True)
