@@ -108,15 +108,41 @@ def _mark_ssam_trainable(network: SamSegmenter) -> None:
 
 
 def build_optimizer(method: str, network: nn.Module, lr: float | None = None, weight_decay: float | None = None,
-                    galore: GaloreConfig | None = None) -> torch.optim.Optimizer:
-    """The method's optimiser over the parameters its network leaves trainable."""
+                    galore: GaloreConfig | None = None, head_lr: float | None = None) -> torch.optim.Optimizer:
+    """The method's optimiser over the parameters its network leaves trainable.
+
+    ``head_lr``: the rate of the class read-out (``SamSegmenter.class_head_parameters``), which
+    starts from zero-initialised heads and has to move further than the pretrained weights;
+    None: ``lr`` for everything.
+    """
     spec = get_method(method)
     lr = spec.lr if lr is None else lr
     weight_decay = spec.weight_decay if weight_decay is None else weight_decay
     if method == "medsaga":
-        return build_galore_optimizer(network, galore or GaloreConfig(), lr=lr, weight_decay=weight_decay)
-    params = [p for p in network.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = build_galore_optimizer(network, galore or GaloreConfig(), lr=lr, weight_decay=weight_decay)
+    else:
+        params = [p for p in network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if head_lr is not None:
+        _move_to_own_group(optimizer, network.class_head_parameters(), lr=head_lr)
+    return optimizer
+
+
+def _move_to_own_group(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], **settings) -> None:
+    """Take ``params`` out of the optimiser's plain groups into a new group with ``settings``
+    (before the first step, while no state exists)."""
+    moving = {id(p) for p in params if p.requires_grad}
+    if not moving:
+        return
+    taken = []
+    for group in optimizer.param_groups:
+        if "rank" in group:  # GaLore rank groups keep their encoder weights
+            continue
+        taken += [p for p in group["params"] if id(p) in moving]
+        group["params"] = [p for p in group["params"] if id(p) not in moving]
+    base = next(g for g in optimizer.param_groups if "rank" not in g)
+    optimizer.add_param_group({**{k: v for k, v in base.items() if k != "params"}, **settings, "params": taken})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
 
 
 def build_loss(method: str) -> nn.Module:

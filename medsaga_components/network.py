@@ -56,6 +56,16 @@ class SamSegmenter(nn.Module):
     def image_size(self) -> int:
         return self.backbone.image_size
 
+    def class_head_parameters(self) -> list[nn.Parameter]:
+        """The parameters that read out the classes and start without pretrained values for
+        them: the widened decoder's mask tokens, hypernetwork MLPs and IoU head (no prompts),
+        or the prompt module (per-class prompts). Optimisers may give them a higher rate."""
+        if self.prompt.per_class:
+            return list(self.prompt.parameters())
+        decoder = self.backbone.mask_decoder
+        return [*decoder.mask_tokens.parameters(), *decoder.output_hypernetworks_mlps.parameters(),
+                *decoder.iou_prediction_head.parameters()]
+
     def forward(self, image: torch.Tensor, prompts: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Class logits for ``image``.
 

@@ -100,6 +100,23 @@ def test_inference_writes_label_maps_with_the_input_geometry(trained, demo_dir):
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2}
 
 
+MEMORY_MODE_ON = "memory-efficient training: activation_checkpointing, layerwise_steps, bf16_autocast, frozen_without_grad"
+
+
+def test_memory_efficient_mode_is_medsagas_default_and_a_switch_elsewhere(trained, tmp_path, demo_dir):
+    bundle, _, log = trained
+    default_on = bundle == "medsaga"
+    assert (MEMORY_MODE_ON in log) == default_on
+    assert ("memory-efficient training: off (plain mode)" in log) == (not default_on)
+    # The switch flips it for the same bundle.
+    shutil.copytree(REPO / "bundles" / bundle / "configs", tmp_path / "configs")
+    done = run_bundle("training", configs(bundle, "train"), "--bundle_root", str(tmp_path), "--dataset_dir",
+                      str(demo_dir), *TINY_TRAINING, "--epochs", "1", "--memory_efficient", str(not default_on))
+    flipped = done.stdout + done.stderr
+    assert (MEMORY_MODE_ON in flipped) == (not default_on)
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
 def test_resume_continues_where_training_stopped(tmp_path, demo_dir):
     shutil.copytree(BUNDLE / "configs", tmp_path / "configs")
     common = ["--bundle_root", str(tmp_path), "--dataset_dir", str(demo_dir), *TINY_TRAINING]

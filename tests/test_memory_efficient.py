@@ -170,7 +170,7 @@ def test_no_two_full_size_gradients_coexist(monkeypatch):
 
 
 def test_layerwise_galore_state_is_rank_r():
-    _, network, optimizer = _train("medsaga", "vit_tiny", MemoryConfig(), steps=1)
+    _, network, optimizer = _train("medsaga", "vit_tiny", MemoryConfig(), steps=2)  # step 1 sends no gradient to the encoder
     assert isinstance(optimizer, LayerwiseOptimizer)
     qkv = network.backbone.image_encoder.blocks[0].attn.qkv.weight  # [96, 32]
     state = optimizer.state[qkv]

@@ -77,3 +77,19 @@ def test_ssam_trainable_fraction_at_256_px_is_below_one_percent():
     fraction = count_parameters(net) / count_parameters(sam, trainable_only=False)
     print(f"S-SAM, ViT-B at 256 px: {count_parameters(net):,} trainable = {100 * fraction:.2f} %")
     assert 0.002 < fraction < 0.01
+
+
+@pytest.mark.parametrize("method", ["medsaga", "samed", "ssam"])
+def test_head_lr_gives_the_class_read_out_its_own_group(method):
+    net = build_network(method, "lite_medsam_tiny", 2, checkpoint=None, image_size=64)
+    heads = {id(p) for p in net.class_head_parameters()}
+    assert heads
+    optimizer = build_optimizer(method, net, lr=1e-4, head_lr=3e-3)
+    grouped = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == sum(p.requires_grad for p in net.parameters())
+    head_groups = [g for g in optimizer.param_groups if any(id(p) in heads for p in g["params"])]
+    assert len(head_groups) == 1 and head_groups[0]["lr"] == 3e-3
+    assert {id(p) for p in head_groups[0]["params"]} == heads
+    assert all(g["lr"] != 3e-3 for g in optimizer.param_groups if g is not head_groups[0])
+    if method == "medsaga":  # the GaLore rank groups keep the encoder weights, at their own rate
+        assert all(not any(id(p) in heads for p in g["params"]) for g in optimizer.param_groups if "rank" in g)

@@ -11,6 +11,7 @@ from torch import nn
 from .experiment import FewShotExperiment
 from .export import merge_adapters, plain_state_dict, save_plain_model
 from .handlers import EvaluateOnTestVolumes, SaveBestPlainModel, evaluate_test_volumes
+from .memory import MemoryConfig, enable_memory_efficient_training
 from .schedules import warmup_poly_scheduler
 from .slice_inferer import SquareSliceInferer
 from .training_setup import prepare_training

@@ -25,11 +25,12 @@ class FewShotExperiment:
         dataset_dir: folder with ``dataset.json`` (or where the demo is written).
         output_dir: where the manifest goes.
         shots: k (see ``strategy``); image_size: S; axis: slicing axis; seed: selection seed.
-        augment: random flips and small rotations of the few-shot slices.
+        augment: random flips (and rotations up to ``rotation_degrees``) of the few-shot slices.
+        rotation_degrees: 0 for flips only, e.g. when every scan shares one orientation.
     """
 
     def __init__(self, dataset_dir: str | Path, output_dir: str | Path, shots: float = 5, strategy: str = "total",
-                 seed: int = 0, axis: int = 2, image_size: int = 256, augment: bool = True) -> None:
+                 seed: int = 0, axis: int = 2, image_size: int = 256, augment: bool = True, rotation_degrees: float = 15.0) -> None:
         if strategy not in FEWSHOT_STRATEGIES:
             raise ValueError(f"strategy must be one of {FEWSHOT_STRATEGIES}, got {strategy!r}")
         if float(shots) <= 0:
@@ -41,8 +42,10 @@ class FewShotExperiment:
                                              out=str(Path(output_dir) / "fewshot_manifest.json"), axis=axis)
         self.manifest = read_manifest(self.manifest_path)
         self.image_size = int(image_size)
-        self.train_dataset = SliceDataset.from_manifest(
-            self.manifest, "fewshot", self.image_size, transform=augmentation_transforms() if augment else None)
+        augmentation = augmentation_transforms(rotate_prob=0.5 if rotation_degrees else 0.0,
+                                               max_rotation_degrees=rotation_degrees)
+        self.train_dataset = SliceDataset.from_manifest(self.manifest, "fewshot", self.image_size,
+                                                        transform=augmentation if augment else None)
         self.val_dataset = SliceDataset.from_manifest(self.manifest, "validation", self.image_size, labelled_only=True)
         self.test_dataset = SliceDataset.from_manifest(self.manifest, "test", self.image_size)
 

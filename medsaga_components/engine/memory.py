@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import warnings
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -56,6 +57,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .._segment_anything import ImageEncoderViT
 from ..backbones.tiny_vit import MBConv, TinyViTEncoder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -471,6 +474,8 @@ def enable_memory_efficient_training(network: nn.Module, optimizer: torch.optim.
         _Bf16AutocastForward(network).install()
     if config.layerwise_steps and not isinstance(optimizer, LayerwiseOptimizer):
         optimizer = LayerwiseOptimizer.from_optimizer(optimizer)
+    on = [name for name, value in config.as_dict().items() if value]
+    logger.info("memory-efficient training: %s", ", ".join(on) if on else "off (plain mode)")
     return optimizer
 
 
