@@ -30,7 +30,8 @@ class FewShotExperiment:
     """
 
     def __init__(self, dataset_dir: str | Path, output_dir: str | Path, shots: float = 5, strategy: str = "total",
-                 seed: int = 0, axis: int = 2, image_size: int = 256, augment: bool = True, rotation_degrees: float = 15.0) -> None:
+                 seed: int = 0, axis: int = 2, image_size: int = 256, augment: bool = True,
+                 rotation_degrees: float = 15.0) -> None:
         if strategy not in FEWSHOT_STRATEGIES:
             raise ValueError(f"strategy must be one of {FEWSHOT_STRATEGIES}, got {strategy!r}")
         if float(shots) <= 0:
