@@ -129,20 +129,14 @@ def build_optimizer(method: str, network: nn.Module, lr: float | None = None, we
 
 
 def _move_to_own_group(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], **settings) -> None:
-    """Take ``params`` out of the optimiser's plain groups into a new group with ``settings``
-    (before the first step, while no state exists)."""
-    moving = {id(p) for p in params if p.requires_grad}
-    if not moving:
-        return
-    taken = []
-    for group in optimizer.param_groups:
-        if "rank" in group:  # GaLore rank groups keep their encoder weights
-            continue
-        taken += [p for p in group["params"] if id(p) in moving]
-        group["params"] = [p for p in group["params"] if id(p) not in moving]
-    base = next(g for g in optimizer.param_groups if "rank" not in g)
-    optimizer.add_param_group({**{k: v for k, v in base.items() if k != "params"}, **settings, "params": taken})
-    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    """Take ``params`` out of the optimiser's first group into a new group with ``settings``
+    (before the first step). Both optimisers above keep every parameter outside GaLore's rank
+    groups in their first group."""
+    moving = {id(p) for p in params}
+    plain = optimizer.param_groups[0]
+    taken = [p for p in plain["params"] if id(p) in moving]
+    plain["params"] = [p for p in plain["params"] if id(p) not in moving]
+    optimizer.add_param_group({**{k: v for k, v in plain.items() if k != "params"}, **settings, "params": taken})
 
 
 def build_loss(method: str) -> nn.Module:
