@@ -72,13 +72,17 @@ def unet_from_scratch(experiment: FewShotExperiment, out_dir: str | Path, second
 
 
 def baseline_command(kind: str, dataset_dir: str, out: str, shots: float = 5, seed: int = 0, image_size: int = 256,
-                     seconds: float = 600.0) -> dict:
-    """Run one baseline and write its report into ``out`` (returns the mean Dice per class)."""
-    experiment = FewShotExperiment(dataset_dir, out, shots=shots, seed=seed, image_size=image_size)
+                     seconds: float = 600.0, batch_size: int = 5, rotation_degrees: float = 15.0) -> dict:
+    """Run one baseline and write its report into ``out`` (returns the mean Dice per class).
+
+    ``seconds``, ``batch_size`` and ``rotation_degrees`` (0: flips only) apply to
+    ``unet_from_scratch``; set them to the SAM run's training time and settings."""
+    experiment = FewShotExperiment(dataset_dir, out, shots=shots, seed=seed, image_size=image_size,
+                                   rotation_degrees=rotation_degrees)
     if kind == "zero_shot_boxes":
         summary = zero_shot_boxes(experiment, out)
     elif kind == "unet_from_scratch":
-        summary = unet_from_scratch(experiment, out, seconds=seconds)
+        summary = unet_from_scratch(experiment, out, seconds=seconds, batch_size=batch_size)
     else:
         raise ValueError(f"kind must be 'zero_shot_boxes' or 'unet_from_scratch', got {kind!r}")
     return {c["name"]: round(c["mean_dice"], 4) for c in summary["per_class"]} | {"mean": round(summary["mean_dice"], 4)}
