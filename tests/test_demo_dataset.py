@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -95,6 +96,16 @@ def test_ensure_keeps_a_user_dataset_and_foreign_folders_are_refused(tmp_path):
     assert (user / "dataset.json").read_text() == "{}"
     with pytest.raises(FileExistsError, match="not empty"):
         write_demo_dataset(str(user))
+
+
+def test_ensure_rewrites_a_demo_of_an_older_version(tmp_path):
+    """An old demo (another split) would silently give figures for the wrong split."""
+    old = tmp_path / "demo"
+    old.mkdir()
+    (old / "dataset.json").write_text(json.dumps({"medsaga_demo": {"version": demo.DEMO_VERSION - 1}}))
+    json_path = Path(ensure_demo_dataset(old))
+    assert json.loads(json_path.read_text())["medsaga_demo"]["version"] == demo.DEMO_VERSION
+    assert demo.is_complete_demo(old)
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):

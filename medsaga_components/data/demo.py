@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import logging
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import numpy as np
 
 from medsaga_components.data.decathlon import DatasetError, validate_dataset
 from medsaga_components.data.slicing import crop_slab
+
+logger = logging.getLogger(__name__)
 
 DEMO_VERSION = 2
 TEMPLATE_FILES = {
@@ -131,12 +134,11 @@ def _write_into(folder: Path) -> None:
 def is_complete_demo(out: str | Path) -> bool:
     """True if ``out`` holds a demo dataset of this version whose files all validate."""
     json_path = Path(out) / "dataset.json"
+    if _demo_version(json_path) != DEMO_VERSION:
+        return False
     try:
-        marker = json.loads(json_path.read_text(encoding="utf-8")).get("medsaga_demo", {})
-        if marker.get("version") != DEMO_VERSION:
-            return False
         validate_dataset(json_path)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return False
     return True
 
@@ -180,9 +182,24 @@ def write_demo_dataset(out: str = "medsaga_demo", overwrite: bool = False) -> st
 def ensure_demo_dataset(dataset_dir: str | Path) -> str:
     """For bundles: the dataset.json in ``dataset_dir``, writing the demo there on first use.
 
-    A user dataset already in ``dataset_dir`` (any dataset.json) is returned untouched.
+    A user dataset already in ``dataset_dir`` (any dataset.json) is returned untouched. A demo
+    written by an older version of this code (another split) is rewritten, so that a bundle's
+    results always refer to the split its docs describe.
     """
     json_path = Path(dataset_dir) / "dataset.json"
     if json_path.is_file():
+        if _demo_version(json_path) not in (None, DEMO_VERSION):
+            logger.warning("%s holds demo version %s; rewriting it as version %s",
+                           json_path, _demo_version(json_path), DEMO_VERSION)
+            return write_demo_dataset(str(dataset_dir), overwrite=True)
         return str(json_path.resolve())
     return write_demo_dataset(str(dataset_dir))
+
+
+def _demo_version(json_path: Path) -> int | None:
+    """The demo version recorded in ``json_path``; None for any other dataset.json."""
+    try:
+        marker = json.loads(json_path.read_text(encoding="utf-8")).get("medsaga_demo")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return marker.get("version") if isinstance(marker, dict) else None
