@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
-import logging
 import tempfile
 from pathlib import Path
 
