@@ -187,13 +187,13 @@ def ensure_demo_dataset(dataset_dir: str | Path) -> str:
     results always refer to the split its docs describe.
     """
     json_path = Path(dataset_dir) / "dataset.json"
-    if json_path.is_file():
-        if _demo_version(json_path) not in (None, DEMO_VERSION):
-            logger.warning("%s holds demo version %s; rewriting it as version %s",
-                           json_path, _demo_version(json_path), DEMO_VERSION)
-            return write_demo_dataset(str(dataset_dir), overwrite=True)
-        return str(json_path.resolve())
-    return write_demo_dataset(str(dataset_dir))
+    if not json_path.is_file():
+        return write_demo_dataset(str(dataset_dir))
+    version = _demo_version(json_path)
+    if version not in (None, DEMO_VERSION):
+        logger.warning("%s holds demo version %s; rewriting it as version %s", json_path, version, DEMO_VERSION)
+        return write_demo_dataset(str(dataset_dir), overwrite=True)
+    return str(json_path.resolve())
 
 
 def _demo_version(json_path: Path) -> int | None:
