@@ -72,14 +72,15 @@ def unet_from_scratch(experiment: FewShotExperiment, out_dir: str | Path, second
 
 
 def baseline_command(kind: str, dataset_dir: str, out: str, shots: float = 5, seed: int = 0, image_size: int = 256,
-                     seconds: float = 600.0, batch_size: int = 2, rotation_degrees: float = 0.0) -> dict:
+                     seconds: float = 600.0, batch_size: int = 2, rotation_degrees: float = 0.0,
+                     spacing: str = "random") -> dict:
     """Run one baseline and write its report into ``out`` (returns the mean Dice per class).
 
     ``seconds``, ``batch_size`` and ``rotation_degrees`` (0: flips only) apply to
     ``unet_from_scratch``: the defaults are the medsaga bundle's; set ``seconds`` to the SAM
-    run's training time."""
+    run's training time. ``spacing``: how the few-shot slices are placed (``random`` or ``even``)."""
     experiment = FewShotExperiment(dataset_dir, out, shots=shots, seed=seed, image_size=image_size,
-                                   rotation_degrees=rotation_degrees)
+                                   rotation_degrees=rotation_degrees, spacing=spacing)
     if kind == "zero_shot_boxes":
         summary = zero_shot_boxes(experiment, out)
     elif kind == "unet_from_scratch":

@@ -90,6 +90,14 @@ def test_too_many_shots_is_a_clear_error(dataset_json):
 
 def test_stratified_selection_covers_a_rare_class(tmp_path):
     # Class 2 lives in exactly one slice (z=11) of one volume out of 30 labelled slices.
+    dataset = _rare_class_dataset(tmp_path)
+    for seed in range(10):
+        refs = select_few_shot_slices(dataset, 2, seed=seed)
+        assert any(r.volume == "i1.nii.gz" and r.slice_index == 11 for r in refs), seed
+
+
+def _rare_class_dataset(tmp_path):
+    """Two volumes, slices 3..17 labelled; class 2 only in slice 11 of the second volume."""
     affine = affine_with_spacing()
     entries = []
     for v in range(2):
@@ -103,9 +111,37 @@ def test_stratified_selection_covers_a_rare_class(tmp_path):
         entries.append({"image": f"i{v}.nii.gz", "label": f"l{v}.nii.gz"})
     (tmp_path / "dataset.json").write_text(json.dumps(
         {"modality": "CT", "labels": {"0": "bg", "1": "common", "2": "rare"}, "training": entries}))
-    for seed in range(10):
-        refs = select_few_shot_slices(tmp_path / "dataset.json", 2, seed=seed)
-        assert any(r.volume == "i1.nii.gz" and r.slice_index == 11 for r in refs), seed
+    return tmp_path / "dataset.json"
+
+
+def test_even_spacing_spans_the_candidates_from_first_to_last(dataset_json):
+    # 4 volumes x slices 4..19: 64 candidates in volume order; positions 0, 21, 42, 63.
+    refs = select_few_shot_slices(dataset_json, 4, spacing="even", seed=0)
+    assert [(r.volume, r.slice_index) for r in refs] == [
+        ("imagesTr/case0.nii.gz", 4), ("imagesTr/case1.nii.gz", 9),
+        ("imagesTr/case2.nii.gz", 14), ("imagesTr/case3.nii.gz", 19)]
+    assert select_few_shot_slices(dataset_json, 4, spacing="even", seed=7) == refs  # no randomness
+    per_volume = select_few_shot_slices(dataset_json, 3, strategy="per_volume", spacing="even")
+    assert [r.slice_index for r in per_volume] == [4, 12, 19] * 4
+    assert [r.slice_index for r in select_few_shot_slices(dataset_json, 1, strategy="per_volume", spacing="even")] \
+        == [11] * 4  # one slice: the middle candidate
+    with pytest.raises(FewShotError, match="spacing 'sparse' unknown"):
+        select_few_shot_slices(dataset_json, 2, spacing="sparse")
+
+
+def test_even_spacing_warns_about_a_missed_class_and_is_recorded(tmp_path, caplog):
+    dataset = _rare_class_dataset(tmp_path)
+    with caplog.at_level("WARNING", logger="medsaga_components.data.fewshot"):
+        refs = select_few_shot_slices(dataset, 2, spacing="even")
+    assert [(r.volume, r.slice_index) for r in refs] == [("i0.nii.gz", 3), ("i1.nii.gz", 17)]
+    assert "miss classes [2]" in caplog.text
+    path = fewshot_command(str(dataset), 2, spacing="even", out=str(tmp_path / "m.json"), holdout="slices")
+    assert json.loads(open(path).read())["spacing"] == "even"
+    assert read_manifest(path).spacing == "even"
+    raw = json.loads(open(path).read())
+    del raw["spacing"]  # manifests written before spacing existed were all seeded draws
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    assert read_manifest(tmp_path / "old.json").spacing == "random"
 
 
 def _holdout_slices(manifest):

@@ -5,7 +5,7 @@ the same slices and the held-out slices provably never meet the few-shot ones. L
 
     {"format": "medsaga-fewshot-manifest", "version": 1,
      "dataset_json": "/abs/path/dataset.json", "split": "training", "axis": 2,
-     "strategy": "total", "seed": 0, "shots": 5, "k": 5, "holdout": "declared",
+     "strategy": "total", "spacing": "random", "seed": 0, "shots": 5, "k": 5, "holdout": "declared",
      "class_names": ["background", "grey matter", "white matter"],
      "available_labelled_slices": 40,
      "slices":     [{"volume": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz", "axis": 2, "slice_index": 71}],
@@ -74,6 +74,7 @@ class Manifest:
     slices: tuple[SliceRef, ...]
     validation: tuple[SliceRange, ...] = field(default_factory=tuple)
     test: tuple[SliceRange, ...] = field(default_factory=tuple)
+    spacing: str = "random"  # "random" (seeded, stratified) or "even"; manifests before it had only "random"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +84,7 @@ class Manifest:
             "split": self.split,
             "axis": self.axis,
             "strategy": self.strategy,
+            "spacing": self.spacing,
             "seed": self.seed,
             "shots": self.shots,
             "k": self.k,
@@ -155,4 +157,5 @@ def read_manifest(path: str | Path) -> Manifest:
         slices=slices,
         validation=_items(raw, "validation", SliceRange, path),
         test=_items(raw, "test", SliceRange, path),
+        spacing=_require(raw, "spacing", str, path) if "spacing" in raw else "random",
     )

@@ -25,13 +25,15 @@ class FewShotExperiment:
         dataset_dir: folder with ``dataset.json`` (or where the demo is written).
         output_dir: where the manifest goes.
         shots: k (see ``strategy``); image_size: S; axis: slicing axis; seed: selection seed.
+        spacing: ``random`` (seeded, stratified) or ``even`` (evenly spaced slices), see
+            ``medsaga_components.data.fewshot``.
         augment: random flips (and rotations up to ``rotation_degrees``) of the few-shot slices.
         rotation_degrees: 0 for flips only, e.g. when every scan shares one orientation.
     """
 
     def __init__(self, dataset_dir: str | Path, output_dir: str | Path, shots: float = 5, strategy: str = "total",
                  seed: int = 0, axis: int = 2, image_size: int = 256, augment: bool = True,
-                 rotation_degrees: float = 15.0) -> None:
+                 rotation_degrees: float = 15.0, spacing: str = "random") -> None:
         if strategy not in FEWSHOT_STRATEGIES:
             raise ValueError(f"strategy must be one of {FEWSHOT_STRATEGIES}, got {strategy!r}")
         if float(shots) <= 0:
@@ -40,7 +42,8 @@ class FewShotExperiment:
             raise ValueError(f"image_size must be a multiple of 16, got {image_size!r}")
         self.dataset_json = ensure_demo_dataset(dataset_dir)
         self.manifest_path = fewshot_command(self.dataset_json, shots, strategy=strategy, seed=seed,
-                                             out=str(Path(output_dir) / "fewshot_manifest.json"), axis=axis)
+                                             out=str(Path(output_dir) / "fewshot_manifest.json"), axis=axis,
+                                             spacing=spacing)
         self.manifest = read_manifest(self.manifest_path)
         self.image_size = int(image_size)
         augmentation = augmentation_transforms(rotate_prob=0.5 if rotation_degrees else 0.0,
