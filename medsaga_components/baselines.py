@@ -73,7 +73,7 @@ def unet_from_scratch(experiment: FewShotExperiment, out_dir: str | Path, second
 
 def baseline_command(kind: str, dataset_dir: str, out: str, shots: float = 5, seed: int = 0, image_size: int = 256,
                      seconds: float = 600.0, batch_size: int = 2, rotation_degrees: float = 0.0,
-                     spacing: str = "random") -> dict:
+                     spacing: str = "even") -> dict:
     """Run one baseline and write its report into ``out`` (returns the mean Dice per class).
 
     ``seconds``, ``batch_size`` and ``rotation_degrees`` (0: flips only) apply to
