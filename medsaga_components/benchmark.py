@@ -69,6 +69,12 @@ REFERENCES = ("full", "samed")
 # so that peak RSS follows live memory (the CPU counterpart of CUDA's max_memory_allocated)
 # instead of the heap glibc keeps after freeing tensors below its dynamic threshold (up to 32 MiB).
 CPU_ALLOCATORS = {"default": {}, "live": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+CPU_ALLOCATOR_NOTES = {
+    "default": "glibc's defaults: freed heap memory below a threshold that grows up to 32 MiB stays with the "
+               "process, so peak RSS includes how that heap fragments",
+    "live": "`MALLOC_MMAP_THRESHOLD_=131072`: freed tensors go back to the system, so peak RSS follows live "
+            "memory, the CPU counterpart of CUDA's max_memory_allocated",
+}
 SWITCHES = {"ckpt": "activation_checkpointing", "layerwise": "layerwise_steps", "bf16": "bf16_autocast",
             "nograd": "frozen_without_grad"}
 EFFICIENT_SUFFIX = "_efficient"
@@ -318,7 +324,7 @@ def benchmark_command(backbone: str = "lite_medsam", image_size: int | None = No
     report = {
         "settings": {"backbone": backbone, "image_size": image_size, "batch": batch, "steps": steps, "device": device,
                      "device_name": _device_name(device), "num_classes": num_classes, "seed": seed,
-                     "torch": torch.__version__, "cpu_threads": threads or torch.get_num_threads(),
+                     "torch": torch.__version__, "threads": threads, "cpu_threads": threads or torch.get_num_threads(),
                      "cpu_allocator": cpu_allocator},
         "data": DATA_NOTE,
         "methods": results,
@@ -399,6 +405,20 @@ def _ratio(ratios: dict[str, float], key: str) -> str:
     return f"{ratios[key]:.2f}" if key in ratios else "n/a"
 
 
+def _command_line(report: dict[str, Any]) -> str:
+    """The ``medsaga benchmark`` command that reproduces ``report`` (output folder left as DIR)."""
+    s = report["settings"]
+    words = ["medsaga benchmark", f"--backbone {s['backbone']}"]
+    if s["image_size"]:
+        words.append(f"--image_size {s['image_size']}")
+    words += [f"--batch {s['batch']}", f"--steps {s['steps']}", f"--methods {','.join(report['methods'])}"]
+    if s.get("threads"):
+        words.append(f"--threads {s['threads']}")
+    if s["device"] == "cpu" and s.get("cpu_allocator", "default") != "default":
+        words.append(f"--cpu_allocator {s['cpu_allocator']}")
+    return " ".join(words + ["--out DIR"])
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """Two tables (absolute figures; ratios to ``full`` and ``samed``) with the settings and notes."""
     s = report["settings"]
@@ -411,7 +431,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['steps']} steps per method, device {s['device']} ({s['device_name']}), torch {s['torch']}, "
         f"{s['cpu_threads']} CPU threads. Data: {report['data']} (seed {s['seed']}). Each method ran in a fresh process.",
         "",
-        f"Peak memory: {measure}" + (f", CPU allocator `{s['cpu_allocator']}`" if s["device"] == "cpu" else "")
+        f"Command: `{_command_line(report)}`",
+        "",
+        f"Peak memory: {measure}"
+        + (f", CPU allocator `{s['cpu_allocator']}` ({CPU_ALLOCATOR_NOTES[s['cpu_allocator']]})"
+           if s["device"] == "cpu" else "")
         + ". \"Above baseline\" subtracts the memory after the imports (the torch/MONAI "
         "runtime, equal for every method); \"training increment\" subtracts the memory after building model, "
         "optimiser and batch. The floor estimate is weights + coexisting gradients + optimiser state + the largest "

@@ -81,6 +81,9 @@ def test_markdown_has_a_row_per_method_in_both_tables(report):
         cells = [c.strip() for c in mine[1].split("|")[2:-1]]
         assert cells[0] == "n/a" and cells[1] == peak_vs_samed  # peak / full, peak / samed
         assert f"{data['methods'][name]['trainable_parameters']:,}" in mine[0]
+    # the command that reproduces the table is written above it
+    assert (f"Command: `medsaga benchmark --backbone vit_tiny --image_size 32 --batch 2 --steps 3 "
+            f"--methods {','.join(METHODS)} --threads 1 --out DIR`") in markdown
 
 
 def test_method_variants_name_their_switches():
