@@ -158,7 +158,8 @@ def select_few_shot_slices(
     if not chosen:
         raise FewShotError(f"no labelled slices are available in {where}")
     if spacing == "even":
-        missing = set().union(*(c.classes for cands in per_volume for c in cands)) - set().union(*(c.classes for c in chosen))
+        present = set().union(*(c.classes for cands in per_volume for c in cands))
+        missing = present - set().union(*(c.classes for c in chosen))
         if missing:
             logger.warning("evenly spaced few-shot slices miss classes %s of %s; spacing 'random' covers every "
                            "class when k allows", sorted(missing), where)
