@@ -8,8 +8,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from ..data import SliceDataset, augmentation_transforms, ensure_demo_dataset, fewshot_command, read_manifest
-
-FEWSHOT_STRATEGIES = ("total", "per_volume", "fraction")
+from ..data.fewshot import STRATEGIES as FEWSHOT_STRATEGIES
 
 
 class FewShotExperiment:
