@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .experiment import FewShotExperiment
+from .flips import FlipAveraged, with_test_time_flips
 from .export import merge_adapters, plain_state_dict, save_plain_model
 from .handlers import EvaluateOnTestVolumes, SaveBestPlainModel, evaluate_test_volumes
 from .memory import MemoryConfig, enable_memory_efficient_training
@@ -51,4 +52,4 @@ def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
 __all__ = ["FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
            "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer",
            "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "check_model_file", "prepare_training",
-           "list_volumes"]
+           "list_volumes", "FlipAveraged", "with_test_time_flips"]

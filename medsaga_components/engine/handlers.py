@@ -12,6 +12,7 @@ from torch import nn
 from ..data import SliceDataset
 from ..evaluation import evaluate_slice_dataset
 from .export import merge_adapters, save_plain_model
+from .flips import with_test_time_flips
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +38,18 @@ class SaveBestPlainModel:
 
 class EvaluateOnTestVolumes:
     """When training completes: load the best plain model and evaluate it on the held-out
-    test volumes (Dice and HD95 per class and volume, NIfTI predictions, overlays, report)."""
+    test volumes (Dice and HD95 per class and volume, NIfTI predictions, overlays, report).
+    ``test_time_flips``: see ``evaluate_test_volumes``."""
 
     def __init__(self, network: nn.Module, model_path: str | Path, dataset: SliceDataset, output_dir: str | Path,
-                 device: str | torch.device = "cpu", batch_size: int = 4) -> None:
+                 device: str | torch.device = "cpu", batch_size: int = 4, test_time_flips: bool = False) -> None:
         self.network = network
         self.model_path = Path(model_path)
         self.dataset = dataset
         self.output_dir = Path(output_dir)
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.test_time_flips = test_time_flips
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.COMPLETED, self)
@@ -58,15 +61,21 @@ class EvaluateOnTestVolumes:
         else:
             logger.warning("%s not found: evaluating the final weights", self.model_path)
         network.to(self.device).eval()
-        summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size)
+        summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size,
+                                        self.test_time_flips)
         logger.info("test mean Dice %.4f -> %s", summary["mean_dice"], self.output_dir)
         return summary
 
 
 def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir: str | Path,
-                          device: str | torch.device = "cpu", batch_size: int = 4) -> dict:
-    """Predict every slice with ``network`` (argmax of its class logits) and evaluate per volume."""
+                          device: str | torch.device = "cpu", batch_size: int = 4,
+                          test_time_flips: bool = False) -> dict:
+    """Predict every slice with ``network`` (argmax of its class logits) and evaluate per volume.
+
+    ``test_time_flips``: argmax of the logits averaged over the four in-plane flips (``FlipAveraged``).
+    """
     device = torch.device(device)
+    network = with_test_time_flips(network, test_time_flips)
 
     @torch.no_grad()
     def predict(images: torch.Tensor) -> torch.Tensor:

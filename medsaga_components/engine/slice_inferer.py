@@ -12,6 +12,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
 from ..data.square_resize import square_geometry
+from .flips import with_test_time_flips
 
 
 class SquareSliceInferer(Inferer):
@@ -25,20 +26,25 @@ class SquareSliceInferer(Inferer):
         image_size: S, the network's input side.
         axis: spatial axis to slice along (0, 1 or 2; 2 = axial for RAS volumes).
         batch_size: slices per network call.
+        test_time_flips: average the logits over the four in-plane flips of each slice
+            (``FlipAveraged``); four network calls per slice.
     """
 
-    def __init__(self, image_size: int = 256, axis: int = 2, batch_size: int = 8) -> None:
+    def __init__(self, image_size: int = 256, axis: int = 2, batch_size: int = 8,
+                 test_time_flips: bool = False) -> None:
         super().__init__()
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
         self.image_size = image_size
         self.axis = axis
         self.batch_size = batch_size
+        self.test_time_flips = bool(test_time_flips)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         if inputs.ndim != 5:
             raise ValueError(f"expected a volume [B, C, X, Y, Z], got {tuple(inputs.shape)}")
         dim = 2 + self.axis
+        network = with_test_time_flips(network, self.test_time_flips)
         # Work on plain tensors; the volume's metadata (affine, file name) is put back at the end.
         volume = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         moved = volume.movedim(dim, 1)  # [B, D, C, H, W]
