@@ -57,8 +57,7 @@ def get_method(name: str) -> Method:
 def build_network(method: str, backbone: str = "lite_medsam", num_classes: int = 1,
                   checkpoint: str | None = "pretrained", image_size: int | None = None,
                   weights: str | None = None, class_names: Sequence[str] | None = None,
-                  class_embeddings: str | None = None, decompose: bool = True,
-                  boundary_refinement: bool = False) -> SamSegmenter:
+                  class_embeddings: str | None = None, decompose: bool = True) -> SamSegmenter:
     """The method's network: the backbone with the method's prompt kind and adapters injected.
 
     Args:
@@ -69,7 +68,6 @@ def build_network(method: str, backbone: str = "lite_medsam", num_classes: int =
             torch.save, e.g. from a text encoder) or else from embeddings keyed by the names.
         decompose: S-SAM computes each weight's SVD when injected; False leaves the factors
             empty, to be filled by ``load_state_dict`` (or to count parameters quickly).
-        boundary_refinement: see :class:`~medsaga_components.refinement.BoundaryRefiner`.
     """
     spec = get_method(method)
     sam = build_backbone(backbone, image_size=image_size, checkpoint=checkpoint)
@@ -85,7 +83,7 @@ def build_network(method: str, backbone: str = "lite_medsam", num_classes: int =
         else:
             start = None
         prompt = ClassTokenPrompt(num_classes, dim, class_embeddings=start)
-    network = SamSegmenter(sam, num_classes=num_classes, prompt=prompt, boundary_refinement=boundary_refinement)
+    network = SamSegmenter(sam, num_classes=num_classes, prompt=prompt)
     if weights:
         state = read_state_dict(weights)
         load_state_dict_strict(network, state, weights, f"{method} network ({backbone}, {num_classes} classes)")

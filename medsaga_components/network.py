@@ -13,7 +13,6 @@ from torch import nn
 from ._segment_anything import MaskDecoder
 from .backbones import SamBackbone, build_backbone
 from .prompts import PROMPT_KINDS, PromptKind
-from .refinement import BoundaryRefiner
 
 
 class SamSegmenter(nn.Module):
@@ -32,13 +31,11 @@ class SamSegmenter(nn.Module):
         image_size: the side the backbone works at; inputs of another size are resized to it
             and the logits back to the input size.
         prompt: a ``PROMPT_KINDS`` name or a :class:`PromptKind` instance.
-        boundary_refinement: add a :class:`BoundaryRefiner` that corrects the decoder's class
-            logits with the image at the decoder's output resolution (prompt-free only).
     """
 
     def __init__(self, backbone: str | SamBackbone = "lite_medsam", num_classes: int = 1,
                  checkpoint: str | Path | None = "pretrained", image_size: int | None = None,
-                 prompt: str | PromptKind = "none", boundary_refinement: bool = False) -> None:
+                 prompt: str | PromptKind = "none") -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -54,10 +51,6 @@ class SamSegmenter(nn.Module):
         self.prompt = prompt
         if not prompt.per_class:
             widen_mask_decoder(backbone.mask_decoder, num_classes + 1)
-        elif boundary_refinement:
-            raise ValueError("boundary_refinement needs the prompt-free class decoder (prompt='none'), "
-                             f"got per-class prompts {type(prompt).__name__}")
-        self.refiner = BoundaryRefiner(num_classes + 1) if boundary_refinement else None
 
     @property
     def image_size(self) -> int:
@@ -66,14 +59,12 @@ class SamSegmenter(nn.Module):
     def class_head_parameters(self) -> list[nn.Parameter]:
         """The parameters that read out the classes and start without pretrained values for
         them: the widened decoder's mask tokens, hypernetwork MLPs and IoU head (no prompts),
-        or the prompt module (per-class prompts), and the boundary refiner. Optimisers may
-        give them a higher rate."""
+        or the prompt module (per-class prompts). Optimisers may give them a higher rate."""
         if self.prompt.per_class:
             return list(self.prompt.parameters())
         decoder = self.backbone.mask_decoder
-        refiner = [] if self.refiner is None else list(self.refiner.parameters())
         return [*decoder.mask_tokens.parameters(), *decoder.output_hypernetworks_mlps.parameters(),
-                *decoder.iou_prediction_head.parameters(), *refiner]
+                *decoder.iou_prediction_head.parameters()]
 
     def forward(self, image: torch.Tensor, prompts: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Class logits for ``image``.
@@ -107,7 +98,7 @@ class SamSegmenter(nn.Module):
             foreground = masks[:, :1].reshape(b, q, *masks.shape[-2:])
             logits = torch.cat([torch.zeros_like(foreground[:, :1]), foreground], dim=1)
         else:
-            logits = masks if self.refiner is None else self.refiner(masks, image)
+            logits = masks
         return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
 
 
