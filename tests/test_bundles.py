@@ -78,10 +78,19 @@ def test_training_saves_a_plain_model_and_a_test_report(trained):
 def test_evaluating_rewrites_the_report_from_model_pt(trained, demo_dir):
     bundle, root, _ = trained
     report = root / "eval" / "evaluation.json"
+    at_training = json.loads(report.read_text())
+    predictions = sorted((root / "eval" / "predictions").glob("*.nii.gz"))
+    predicted_at_training = [np.asarray(nib.load(p).dataobj) for p in predictions]
     report.unlink()
     run_bundle("evaluating", configs(bundle, "train", "evaluate"), "--bundle_root", str(root),
                "--dataset_dir", str(demo_dir), *TINY_TRAINING)
-    assert json.loads(report.read_text())["volumes"]
+    # The same model on the same slices gives the same label maps and figures as the
+    # evaluation after training (the network in eval mode both times).
+    assert predictions
+    for path, before in zip(predictions, predicted_at_training):
+        np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), before, err_msg=str(path))
+    rewritten = json.loads(report.read_text())
+    assert [v["mean_dice"] for v in rewritten["volumes"]] == [v["mean_dice"] for v in at_training["volumes"]]
 
 
 def test_inference_writes_label_maps_with_the_input_geometry(trained, demo_dir):

@@ -60,7 +60,7 @@ class EvaluateOnTestVolumes:
             network.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True))
         else:
             logger.warning("%s not found: evaluating the final weights", self.model_path)
-        network.to(self.device).eval()
+        network.to(self.device)
         summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size,
                                         self.test_time_flips)
         logger.info("test mean Dice %.4f -> %s", summary["mean_dice"], self.output_dir)
@@ -70,12 +70,15 @@ class EvaluateOnTestVolumes:
 def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir: str | Path,
                           device: str | torch.device = "cpu", batch_size: int = 4,
                           test_time_flips: bool = False) -> dict:
-    """Predict every slice with ``network`` (argmax of its class logits) and evaluate per volume.
+    """Predict every slice with ``network`` in eval mode (argmax of its class logits) and
+    evaluate per volume.
 
     ``test_time_flips``: argmax of the logits averaged over the four in-plane flips (``FlipAveraged``).
     """
     device = torch.device(device)
-    network = with_test_time_flips(network, test_time_flips)
+    # eval(): batch norms (TinyViT's conv stage) must use their running statistics, not the
+    # test batch's, and must not update them.
+    network = with_test_time_flips(network.eval(), test_time_flips)
 
     @torch.no_grad()
     def predict(images: torch.Tensor) -> torch.Tensor:
