@@ -66,7 +66,6 @@ def unet_from_scratch(experiment: FewShotExperiment, out_dir: str | Path, second
             loss.backward()
             optimizer.step()
             steps += 1
-    network.eval()
     summary = evaluate_test_volumes(network, experiment.test_dataset, out_dir, device)
     return {**summary, "training_steps": steps, "training_seconds": time.monotonic() - start}
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .experiment import FewShotExperiment
-from .flips import FlipAveraged, with_test_time_flips
 from .export import merge_adapters, plain_state_dict, save_plain_model
+from .flips import FlipAveraged, with_test_time_flips
 from .handlers import EvaluateOnTestVolumes, SaveBestPlainModel, evaluate_test_volumes
 from .memory import MemoryConfig, enable_memory_efficient_training
 from .schedules import warmup_poly_scheduler
