@@ -36,7 +36,9 @@ Recorded per method:
 CPU allocator: glibc keeps freed heap memory below a threshold that grows up to 32 MiB, so
 peak RSS also measures how that heap fragments. ``--cpu_allocator live`` runs every worker
 with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors go back to the system and peak
-RSS follows live memory, the CPU counterpart of ``max_memory_allocated``.
+RSS follows live memory, the CPU counterpart of ``max_memory_allocated``, and with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` so that those mappings use transparent huge pages
+(see ``CPU_ALLOCATORS``).
 
 Data: random images (uniform in [0, 1]) and random labels in {0..N}, from a fixed seed: memory
 and time do not depend on pixel values.
@@ -68,12 +70,17 @@ REFERENCES = ("full", "samed")
 # glibc: every allocation above 128 KiB gets its own mapping, returned to the system when freed,
 # so that peak RSS follows live memory (the CPU counterpart of CUDA's max_memory_allocated)
 # instead of the heap glibc keeps after freeing tensors below its dynamic threshold (up to 32 MiB).
-CPU_ALLOCATORS = {"default": {}, "live": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+# Those mappings are backed by transparent huge pages (glibc >= 2.35; ignored by older ones):
+# with 4 KiB pages every freshly mapped tensor costs a page fault per 4 KiB, which at 256 px and
+# batch 4 made 26 to 36 million faults and a third of the step time, more for the modes that
+# allocate more often (activation checkpointing recomputes), so the timings measured the kernel.
+CPU_ALLOCATORS = {"default": {}, "live": {"MALLOC_MMAP_THRESHOLD_": "131072", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
 CPU_ALLOCATOR_NOTES = {
     "default": "glibc's defaults: freed heap memory below a threshold that grows up to 32 MiB stays with the "
                "process, so peak RSS includes how that heap fragments",
-    "live": "`MALLOC_MMAP_THRESHOLD_=131072`: freed tensors go back to the system, so peak RSS follows live "
-            "memory, the CPU counterpart of CUDA's max_memory_allocated",
+    "live": "`MALLOC_MMAP_THRESHOLD_=131072 GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: freed tensors go back to "
+            "the system, so peak RSS follows live memory, the CPU counterpart of CUDA's max_memory_allocated; "
+            "their mappings use transparent huge pages, so that page faults do not dominate the step times",
 }
 SWITCHES = {"ckpt": "activation_checkpointing", "layerwise": "layerwise_steps", "bf16": "bf16_autocast",
             "nograd": "frozen_without_grad"}
@@ -301,8 +308,8 @@ def benchmark_command(backbone: str = "lite_medsam", image_size: int | None = No
     ``methods``: comma-separated names (see the module doc). ``checkpoint``: backbone weights
     (default: LiteMedSAM's shipped weights for ``lite_medsam``, random weights otherwise).
     ``threads``: CPU threads per worker (default: torch's default, one per core).
-    ``cpu_allocator``: ``default``, or ``live`` to run the workers with glibc's
-    ``MALLOC_MMAP_THRESHOLD_=131072`` so that peak RSS follows live memory (see ``CPU_ALLOCATORS``).
+    ``cpu_allocator``: ``default``, or ``live`` to run the workers with glibc settings under
+    which peak RSS follows live memory (see ``CPU_ALLOCATORS``).
     Returns the path of ``benchmark.md``.
     """
     names = _method_list(methods)
@@ -360,12 +367,21 @@ def _run_in_fresh_process(method: str, out_dir: Path, environment: dict[str, str
         if value is not None:
             command += [f"--{key}", str(value)]
     with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **environment, "PYTHONUNBUFFERED": "1"}).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_worker_environment(environment)).returncode
     if code != 0 or not json_path.exists():
         tail = log_path.read_text()[-2000:]
         print(f"[benchmark] {method} failed (exit code {code}); log: {log_path}\n{tail}", file=sys.stderr)
         return {"method": method, "error": f"worker exited with code {code}", "log": str(log_path)}
     return json.loads(json_path.read_text())
+
+
+def _worker_environment(allocator: dict[str, str]) -> dict[str, str]:
+    """This process's environment plus the allocator's settings (glibc tunables the user set are kept)."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for key, value in allocator.items():
+        earlier = environment.get(key) if key == "GLIBC_TUNABLES" else None
+        environment[key] = f"{earlier}:{value}" if earlier else value
+    return environment
 
 
 def _device_name(device: str) -> str:
