@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsaga_components.benchmark import _method_list, parse_method_variant, tensor_bytes_in
+from medsaga_components.benchmark import (CPU_ALLOCATORS, _method_list, _worker_environment, parse_method_variant,
+                                          tensor_bytes_in)
 from medsaga_components.engine.memory import MemoryConfig
 
 METHODS = ["samed", "medsaga_efficient"]  # two fresh processes keep the test short
@@ -110,3 +111,13 @@ def test_optimizer_state_bytes_include_projection_matrices():
     state = {0: {"step": 3, "exp_avg": torch.zeros(96, 4), "projector": Projector(), "alias": shared},
              1: {"exp_avg": shared}}
     assert tensor_bytes_in(state) == 4 * (96 * 4 + 4 * 32 + 10)
+
+
+def test_live_allocator_settings_reach_the_workers_and_keep_the_users_tunables(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    environment = _worker_environment(CPU_ALLOCATORS["live"])
+    assert environment["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert environment["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert _worker_environment(CPU_ALLOCATORS["live"])["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES" not in _worker_environment(CPU_ALLOCATORS["default"])
