@@ -9,10 +9,10 @@ from medsaga_components import SamSegmenter
 from medsaga_components.adapters.galore import GaloreConfig, build_galore_optimizer, galore_target_weights
 
 
-def _one_step(net, optimizer, size):
+def _one_step(net, optimizer, size, loss_scale=1.0):
     x = torch.rand(2, 1, size, size)
     y = torch.randint(0, net.num_classes + 1, (2, size, size))
-    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss = loss_scale * torch.nn.functional.cross_entropy(net(x), y)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -99,3 +99,26 @@ def test_optimizer_state_reloads_under_weights_only():
     fresh.load_state_dict(state)
     projected = [s for s in fresh.state.values() if "projector" in s]
     assert projected and all(s["projector"].ortho_matrix is not None for s in projected)
+
+
+def test_first_update_has_the_size_galore_scale_is_chosen_by():
+    """Adam's first step is sign(grad) in the projected r x n space; projected back onto an
+    orthonormal basis of the smaller side s, its entries have an RMS of sqrt(r / s). So a rank
+    group moves each weight by lr * scale * sqrt(r / s) per entry (the rule GaloreConfig
+    documents), not by lr * scale as AdamW at lr * scale would."""
+    net = SamSegmenter("vit_tiny", num_classes=2, checkpoint=None, image_size=64)
+    config = GaloreConfig(rank=4, update_proj_gap=200, scale=0.75)
+    lr = 1e-3
+    optimizer = build_galore_optimizer(net, config, lr=lr, weight_decay=0.0)
+    targets = galore_target_weights(net.backbone.image_encoder, config)
+    _one_step(net, optimizer, 64)  # all-zero encoder gradient: skipped
+    before = {k: v.detach().clone() for k, v in targets.items()}
+    # A random tiny network's encoder gradients are of the order of Adam's eps (1e-6); scaled up
+    # they are well above it, as LiteMedSAM's are (median sqrt(v) 2.7e-4 on the demo data).
+    _one_step(net, optimizer, 64, loss_scale=1e4)
+    for name, p in targets.items():
+        smaller = min(p.shape)
+        rms = (p.detach() - before[name]).pow(2).mean().sqrt().item()
+        expected = lr * config.scale * (min(config.rank, smaller - 1) / smaller) ** 0.5
+        # entries whose gradient is near Adam's eps move less than sign(grad), never more
+        assert 0.9 * expected < rms <= 1.001 * expected, (name, tuple(p.shape), rms, expected)

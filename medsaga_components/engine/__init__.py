@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cpu_allocator import keep_freed_cpu_memory
 from .experiment import FewShotExperiment
 from .export import merge_adapters, plain_state_dict, save_plain_model
 from .flips import FlipAveraged, with_test_time_flips
@@ -52,4 +53,4 @@ def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
 __all__ = ["FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
            "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer",
            "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "check_model_file", "prepare_training",
-           "list_volumes", "FlipAveraged", "with_test_time_flips"]
+           "list_volumes", "FlipAveraged", "with_test_time_flips", "keep_freed_cpu_memory"]
