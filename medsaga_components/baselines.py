@@ -3,7 +3,8 @@
 * ``zero_shot_boxes``: pretrained LiteMedSAM, no training, one box per class taken from the
   ground truth of each slice (an upper bound on what box prompting gives a user for free).
 * ``unet_from_scratch``: MONAI's BasicUNet trained on the same k slices, for the same wall
-  time a SAM method took, with the same augmentation and loss.
+  time a SAM method took, with the same augmentation, loss, CPU allocator setting and
+  test-time flips.
 
 ``medsaga baseline --kind zero_shot_boxes|unet_from_scratch --dataset_dir ... --out DIR``.
 """
@@ -18,6 +19,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet
 
 from .backbones import build_backbone
+from .engine.cpu_allocator import keep_freed_cpu_memory
 from .engine.experiment import FewShotExperiment
 from .engine.handlers import evaluate_test_volumes
 from .evaluation import evaluate_slice_dataset
@@ -52,8 +54,9 @@ def zero_shot_boxes(experiment: FewShotExperiment, out_dir: str | Path) -> dict:
 
 
 def unet_from_scratch(experiment: FewShotExperiment, out_dir: str | Path, seconds: float, batch_size: int = 5,
-                      lr: float = 1e-3, device: str = "cpu") -> dict:
-    """Train BasicUNet on the few-shot slices for ``seconds`` of wall time, then evaluate."""
+                      lr: float = 1e-3, device: str = "cpu", test_time_flips: bool = False) -> dict:
+    """Train BasicUNet on the few-shot slices for ``seconds`` of wall time, then evaluate
+    (``test_time_flips``: as ``evaluate_test_volumes``)."""
     torch.manual_seed(0)
     network = BasicUNet(spatial_dims=2, in_channels=1, out_channels=experiment.num_classes + 1).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.01)
@@ -66,24 +69,27 @@ def unet_from_scratch(experiment: FewShotExperiment, out_dir: str | Path, second
             loss.backward()
             optimizer.step()
             steps += 1
-    summary = evaluate_test_volumes(network, experiment.test_dataset, out_dir, device)
+    summary = evaluate_test_volumes(network, experiment.test_dataset, out_dir, device, test_time_flips=test_time_flips)
     return {**summary, "training_steps": steps, "training_seconds": time.monotonic() - start}
 
 
 def baseline_command(kind: str, dataset_dir: str, out: str, shots: float = 5, seed: int = 0, image_size: int = 256,
                      seconds: float = 600.0, batch_size: int = 2, rotation_degrees: float = 0.0,
-                     spacing: str = "even") -> dict:
+                     spacing: str = "even", test_time_flips: bool = True) -> dict:
     """Run one baseline and write its report into ``out`` (returns the mean Dice per class).
 
-    ``seconds``, ``batch_size`` and ``rotation_degrees`` (0: flips only) apply to
-    ``unet_from_scratch``: the defaults are the medsaga bundle's; set ``seconds`` to the SAM
-    run's training time. ``spacing``: how the few-shot slices are placed (``random`` or ``even``)."""
+    ``seconds``, ``batch_size``, ``rotation_degrees`` (0: flips only) and ``test_time_flips``
+    apply to ``unet_from_scratch``: the defaults are the medsaga bundle's; set ``seconds`` to
+    the SAM run's training time. ``spacing``: how the few-shot slices are placed (``random`` or
+    ``even``). Like a bundle's training, the process keeps freed CPU memory for reuse."""
+    if kind not in ("zero_shot_boxes", "unet_from_scratch"):
+        raise ValueError(f"kind must be 'zero_shot_boxes' or 'unet_from_scratch', got {kind!r}")
+    keep_freed_cpu_memory()
     experiment = FewShotExperiment(dataset_dir, out, shots=shots, seed=seed, image_size=image_size,
                                    rotation_degrees=rotation_degrees, spacing=spacing)
     if kind == "zero_shot_boxes":
         summary = zero_shot_boxes(experiment, out)
-    elif kind == "unet_from_scratch":
-        summary = unet_from_scratch(experiment, out, seconds=seconds, batch_size=batch_size)
     else:
-        raise ValueError(f"kind must be 'zero_shot_boxes' or 'unet_from_scratch', got {kind!r}")
+        summary = unet_from_scratch(experiment, out, seconds=seconds, batch_size=batch_size,
+                                    test_time_flips=test_time_flips)
     return {c["name"]: round(c["mean_dice"], 4) for c in summary["per_class"]} | {"mean": round(summary["mean_dice"], 4)}
