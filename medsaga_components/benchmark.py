@@ -37,8 +37,9 @@ CPU allocator: glibc keeps freed heap memory below a threshold that grows up to 
 peak RSS also measures how that heap fragments. ``--cpu_allocator live`` runs every worker
 with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors go back to the system and peak
 RSS follows live memory, the CPU counterpart of ``max_memory_allocated``, and with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` so that those mappings use transparent huge pages
-(see ``CPU_ALLOCATORS``).
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` so that those mappings use transparent huge pages;
+``--cpu_allocator heap`` with what bundle training sets (``engine.keep_freed_cpu_memory``: all
+tensors from the heap, freed memory kept for reuse). See ``CPU_ALLOCATORS``.
 
 Data: random images (uniform in [0, 1]) and random labels in {0..N}, from a fixed seed: memory
 and time do not depend on pixel values.
@@ -74,13 +75,22 @@ REFERENCES = ("full", "samed")
 # with 4 KiB pages every freshly mapped tensor costs a page fault per 4 KiB, which at 256 px and
 # batch 4 made 26 to 36 million faults and a third of the step time, more for the modes that
 # allocate more often (activation checkpointing recomputes), so the timings measured the kernel.
-CPU_ALLOCATORS = {"default": {}, "live": {"MALLOC_MMAP_THRESHOLD_": "131072", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
+# "heap": what bundle training sets with engine.keep_freed_cpu_memory (the same two mallopt
+# parameters, through glibc's environment variables).
+CPU_ALLOCATORS = {
+    "default": {},
+    "live": {"MALLOC_MMAP_THRESHOLD_": "131072", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "heap": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)},
+}
 CPU_ALLOCATOR_NOTES = {
     "default": "glibc's defaults: freed heap memory below a threshold that grows up to 32 MiB stays with the "
                "process, so peak RSS includes how that heap fragments",
     "live": "`MALLOC_MMAP_THRESHOLD_=131072 GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: freed tensors go back to "
             "the system, so peak RSS follows live memory, the CPU counterpart of CUDA's max_memory_allocated; "
             "their mappings use transparent huge pages, so that page faults do not dominate the step times",
+    "heap": "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`, what bundle training sets "
+            "(`keep_freed_cpu_memory`): every tensor comes from the heap and freed memory stays there for reuse, "
+            "so peak RSS is the heap's high-water mark",
 }
 SWITCHES = {"ckpt": "activation_checkpointing", "layerwise": "layerwise_steps", "bf16": "bf16_autocast",
             "nograd": "frozen_without_grad"}
@@ -262,7 +272,9 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
         "steps": steps,
         "device": str(dev),
         "cpu_threads": torch.get_num_threads(),
-        "cpu_allocator": "live" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "default",
+        "cpu_allocator": next((name for name, settings in CPU_ALLOCATORS.items()
+                               if settings and all(os.environ.get(k, "").endswith(v) for k, v in settings.items())),
+                              "default"),
         "load_average_1min": [load_before, load_after],
         "trainable_parameters": sum(p.numel() for p in trainable),
         "total_parameters": sum(p.numel() for p in network.parameters()),
@@ -308,8 +320,8 @@ def benchmark_command(backbone: str = "lite_medsam", image_size: int | None = No
     ``methods``: comma-separated names (see the module doc). ``checkpoint``: backbone weights
     (default: LiteMedSAM's shipped weights for ``lite_medsam``, random weights otherwise).
     ``threads``: CPU threads per worker (default: torch's default, one per core).
-    ``cpu_allocator``: ``default``, or ``live`` to run the workers with glibc settings under
-    which peak RSS follows live memory (see ``CPU_ALLOCATORS``).
+    ``cpu_allocator``: ``default``; ``live`` to run the workers with glibc settings under
+    which peak RSS follows live memory; ``heap`` for bundle training's setting (see ``CPU_ALLOCATORS``).
     Returns the path of ``benchmark.md``.
     """
     names = _method_list(methods)
