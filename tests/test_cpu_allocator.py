@@ -9,10 +9,10 @@ SCRIPT = """
 import resource, sys, torch
 from medsaga_components.engine import keep_freed_cpu_memory
 taken = keep_freed_cpu_memory(enabled=sys.argv[1] == "on")
-for _ in range(2):  # warm-up: the heap grows once
+for _ in range(3):  # warm-up: the heap grows
     torch.ones(64 << 18)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):  # 64 MiB each: above glibc's largest mmap threshold (32 MiB)
+for _ in range(20):  # 64 MiB each: above glibc's largest mmap threshold (32 MiB)
     torch.ones(64 << 18)
 print(taken, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -31,5 +31,6 @@ def test_freed_memory_is_reused_without_page_faults():
     taken_on, faults_on = _faults("on")
     assert (taken_off, taken_on) == ("False", "True")
     # glibc's defaults: every 64 MiB tensor is a fresh mapping, 16,384 faults of 4 KiB each
-    assert faults_off > 10 * 16_000
-    assert faults_on < faults_off / 20, (faults_on, faults_off)
+    assert faults_off > 20 * 16_000
+    # kept: at most an occasional growth of the heap (one tensor's worth was seen once)
+    assert faults_on < faults_off / 5, (faults_on, faults_off)
