@@ -63,6 +63,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .engine.cpu_allocator import TRIM_THRESHOLD_BYTES
 from .engine.memory import MemoryConfig, enable_memory_efficient_training, encoder_segments, set_segment_forwards
 from .methods import METHODS, build_loss, build_network, build_optimizer
 
@@ -80,7 +81,7 @@ REFERENCES = ("full", "samed")
 CPU_ALLOCATORS = {
     "default": {},
     "live": {"MALLOC_MMAP_THRESHOLD_": "131072", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
-    "heap": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)},
+    "heap": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD_BYTES)},
 }
 CPU_ALLOCATOR_NOTES = {
     "default": "glibc's defaults: freed heap memory below a threshold that grows up to 32 MiB stays with the "
@@ -88,7 +89,7 @@ CPU_ALLOCATOR_NOTES = {
     "live": "`MALLOC_MMAP_THRESHOLD_=131072 GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: freed tensors go back to "
             "the system, so peak RSS follows live memory, the CPU counterpart of CUDA's max_memory_allocated; "
             "their mappings use transparent huge pages, so that page faults do not dominate the step times",
-    "heap": "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`, what bundle training sets "
+    "heap": f"`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_={TRIM_THRESHOLD_BYTES}`, what bundle training sets "
             "(`keep_freed_cpu_memory`): every tensor comes from the heap and freed memory stays there for reuse, "
             "so peak RSS is the heap's high-water mark",
 }

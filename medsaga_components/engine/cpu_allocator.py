@@ -23,9 +23,11 @@ logger = logging.getLogger(__name__)
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+# freed memory kept at the heap's top (``medsaga benchmark --cpu_allocator heap`` sets the same)
+TRIM_THRESHOLD_BYTES = 1 << 30
 
 
-def keep_freed_cpu_memory(enabled: bool = True, trim_threshold_bytes: int = 1 << 30) -> bool:
+def keep_freed_cpu_memory(enabled: bool = True, trim_threshold_bytes: int = TRIM_THRESHOLD_BYTES) -> bool:
     """Make glibc serve all allocations from its heap and keep up to ``trim_threshold_bytes``
     of freed memory at the heap's top instead of returning it to the system.
 
