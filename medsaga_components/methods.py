@@ -1,147 +1,267 @@
-"""Adaptation methods by name: which parameters train, with which optimiser and loss.
+"""Adaptation methods by name: one :class:`Method` object declares everything that makes a
+method that method (prompt kind, adapters, what trains, optimiser groups and their rates,
+schedule, loss). Bundles, baselines and the benchmark build through here, with the same
+defaults, so the methods they compare are the same.
 
-| method | encoder | also trained | optimiser | loss |
-|---|---|---|---|---|
-| ``full`` | everything | everything | AdamW | 0.2 CE + 0.8 Dice |
-| ``medsaga`` | GaLore on attention/MLP weights, rest frozen | prompt encoder, mask decoder | GaLoreAdamW + AdamW | 0.2 CE + 0.8 Dice |
-| ``samed`` | frozen + LoRA r=4 on q, v | prompt encoder, mask decoder | AdamW | 0.2 CE + 0.8 Dice |
-| ``ssam`` | frozen + SVD scale/shift | norms, pos_embed, class-prompt tokens | AdamW | focal + Dice (sigmoid) |
+| method | prompt | encoder | also trained | optimiser | loss |
+|---|---|---|---|---|---|
+| ``full`` | none | everything | everything | AdamW | 0.2 CE + 0.8 Dice |
+| ``medsaga`` | none | GaLore on attention/MLP weights, rest frozen | prompt encoder, mask decoder | GaLoreAdamW | 0.2 CE + 0.8 Dice |
+| ``samed`` | none | frozen + LoRA r=4 on q, v | prompt encoder, mask decoder | AdamW | 0.2 CE + 0.8 Dice |
+| ``ssam`` | class tokens | frozen + SVD scale/shift | norms, pos_embed, class-token prompts | AdamW | focal + Dice (sigmoid) |
 
-Bundles and the benchmark both build their networks and optimisers through here, so the
-methods they compare are the same code.
+Rates are for few-shot runs of about 80 steps (the bundles' default schedule). The papers'
+own settings are documented overrides in each bundle's ``docs/README.md``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 from torch import nn
 
-from .adapters import LoraConfig, SvdConfig, inject_lora, inject_svd, mark_only_lora_trainable
-from .adapters.galore import GaloreConfig, build_galore_optimizer
-from .backbones.checkpoints import load_state_dict_strict, read_state_dict
+from .adapters import LoraConfig, SvdConfig, adapter_parameters, inject_lora, inject_svd, mark_trainable
+from .adapters.base import has_prefix
 from .backbones import build_backbone
+from .backbones.checkpoints import load_state_dict_strict, read_state_dict
+from .engine.schedules import warmup_poly_scheduler
 from .network import SamSegmenter
-from .prompts import ClassTokenPrompt, PromptKind, name_keyed_embeddings
+from .optimizers.galore import GaloreConfig, galore_adamw, galore_rank_groups, galore_target_weights
+from .prompts import PROMPT_KINDS, ClassTokenPrompt, PromptKind, name_keyed_embeddings
+
+ENCODER = "backbone.image_encoder"
+DECODER_AND_PROMPTS = ("prompt", "backbone.prompt_encoder", "backbone.mask_decoder")
+NORM_TYPES = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+LOSSES = ("dice_ce", "dice_focal")
 
 
 @dataclass(frozen=True)
 class Method:
-    """Defaults of one method; ``lr`` and ``weight_decay`` can be overridden per run."""
+    """Everything that makes one adaptation method.
+
+    Args:
+        name: registry name.
+        prompt: a ``PROMPT_KINDS`` name.
+        lora: ``(LoraConfig, root)`` pairs injected into the backbone (root: ``"image_encoder"``,
+            ``"mask_decoder"``).
+        svd: S-SAM's singular-value adapters on the encoder, or None.
+        galore: GaLore rank groups for the encoder's attention/MLP weights (GaLoreAdamW), or
+            None (AdamW). Those weights then train in full size through a rank-r optimiser state.
+        trained_in_full: dotted-name prefixes of ``SamSegmenter`` trained in full.
+        train_norms: also train every normalisation layer (S-SAM).
+        train_position_embedding: also train the encoder's ``pos_embed`` (S-SAM).
+        lr: AdamW rate of what trains in full.
+        adapter_lr: rate of the adapters' own parameters (LoRA A/B, SVD scale/shift); None: ``lr``.
+        head_lr: rate of the class read-out (``SamSegmenter.class_head_parameters``), which starts
+            without pretrained values for the classes; None: ``lr``.
+        weight_decay: AdamW's, for every group.
+        warmup_iterations, poly_power: linear warmup, then ``(1 - t)^power`` decay, per step.
+        loss: ``"dice_ce"`` (0.2 CE + 0.8 Dice, softmax) or ``"dice_focal"`` (sigmoid per class).
+    """
 
     name: str
     prompt: str = "none"
-    lr: float = 1e-4
+    lora: tuple[tuple[LoraConfig, str], ...] = ()
+    svd: SvdConfig | None = None
+    galore: GaloreConfig | None = None
+    trained_in_full: tuple[str, ...] = DECODER_AND_PROMPTS
+    train_norms: bool = False
+    train_position_embedding: bool = False
+    lr: float = 2e-4
+    adapter_lr: float | None = None
+    head_lr: float | None = 2e-3
     weight_decay: float = 0.01
-    warmup_iterations: int = 0
-    options: dict = field(default_factory=dict)
+    warmup_iterations: int = 8
+    poly_power: float = 0.9
+    loss: str = "dice_ce"
 
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPT_KINDS:
+            raise ValueError(f"method {self.name!r}: unknown prompt kind {self.prompt!r}; expected one of "
+                             f"{sorted(PROMPT_KINDS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"method {self.name!r}: unknown loss {self.loss!r}; expected one of {LOSSES}")
 
-METHODS = {
-    "full": Method("full", lr=2e-4),
-    "medsaga": Method("medsaga", lr=2e-4),
-    "samed": Method("samed", lr=5e-3, weight_decay=0.1, warmup_iterations=250),
-    "ssam": Method("ssam", prompt="class_tokens", lr=1e-4),
-}
+    # --- overrides ---------------------------------------------------------------------------
 
+    def with_overrides(self, **overrides: Any) -> Method:
+        """A copy with the given settings changed; None values keep the method's default.
 
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
-    return METHODS[name]
+        Besides the field names above: ``rank`` (the LoRA rank, or GaLore's), and GaLore's
+        ``update_proj_gap``, ``galore_scale`` and ``galore_lr``. A setting the method does not
+        have (a GaLore setting for LoRA) is an error, not silently ignored.
+        """
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        galore_keys = {"update_proj_gap": "update_proj_gap", "galore_scale": "scale", "galore_lr": "lr"}
+        galore_changes = {galore_keys[k]: changes.pop(k) for k in list(changes) if k in galore_keys}
+        rank = changes.pop("rank", None)
+        if rank is not None:
+            if self.galore is not None:
+                galore_changes["rank"] = int(rank)
+            elif self.lora:
+                changes["lora"] = tuple((dataclasses.replace(c, rank=int(rank)), root) for c, root in self.lora)
+            else:
+                raise ValueError(f"method {self.name!r} has no rank to set (only LoRA and GaLore methods do)")
+        if galore_changes:
+            if self.galore is None:
+                raise ValueError(f"method {self.name!r} does not use GaLore: {sorted(galore_changes)} do not apply")
+            changes["galore"] = dataclasses.replace(self.galore, **galore_changes)
+        settable = {f.name for f in dataclasses.fields(self)} - {"name"}
+        unknown = sorted(set(changes) - settable)
+        if unknown:
+            raise ValueError(f"unknown settings {unknown} for method {self.name!r}; expected some of "
+                             f"{sorted(settable | {'rank', *galore_keys})}")
+        return dataclasses.replace(self, **changes)
 
+    # --- network ---------------------------------------------------------------------------
 
-def build_network(method: str, backbone: str = "lite_medsam", num_classes: int = 1,
-                  checkpoint: str | None = "pretrained", image_size: int | None = None,
-                  weights: str | None = None, class_names: Sequence[str] | None = None,
-                  class_embeddings: str | None = None, decompose: bool = True) -> SamSegmenter:
-    """The method's network: the backbone with the method's prompt kind and adapters injected.
-
-    Args:
-        weights: a plain ``model.pt`` (as the bundles export) loaded before the adapters are
-            injected, to fine-tune a previously trained model.
-        class_names, class_embeddings: for class-token prompts (S-SAM), the tokens start from
-            the embeddings in the file ``class_embeddings`` (a ``[N, E]`` tensor saved with
-            torch.save, e.g. from a text encoder) or else from embeddings keyed by the names.
-        decompose: S-SAM computes each weight's SVD when injected; False leaves the factors
-            empty, to be filled by ``load_state_dict`` (or to count parameters quickly).
-    """
-    spec = get_method(method)
-    sam = build_backbone(backbone, image_size=image_size, checkpoint=checkpoint)
-    prompt: str | PromptKind = spec.prompt
-    if spec.prompt == "class_tokens":
-        dim = sam.prompt_encoder.embed_dim
+    def build_prompt(self, num_classes: int, embed_dim: int, class_names: Sequence[str] | None = None,
+                     class_embeddings: str | None = None) -> PromptKind:
+        """The prompt module. Class tokens start from the ``[N, E]`` tensor in the file
+        ``class_embeddings`` (e.g. a text encoder's), or from embeddings keyed by the names."""
+        if self.prompt != "class_tokens":
+            if class_embeddings:
+                raise ValueError(f"class_embeddings apply to class-token methods, not to {self.name!r}")
+            return PROMPT_KINDS[self.prompt](num_classes, embed_dim)
+        start = None
         if class_embeddings:
             start = torch.load(class_embeddings, map_location="cpu", weights_only=True)
         elif class_names:
             if len(class_names) != num_classes:
                 raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")
-            start = name_keyed_embeddings(class_names, dim)
-        else:
-            start = None
-        prompt = ClassTokenPrompt(num_classes, dim, class_embeddings=start)
+            start = name_keyed_embeddings(class_names, embed_dim)
+        return ClassTokenPrompt(num_classes, embed_dim, class_embeddings=start)
+
+    def inject_adapters(self, network: SamSegmenter, decompose: bool = True) -> None:
+        """Put the method's adapters into ``network.backbone``, in place."""
+        for config, root in self.lora:
+            inject_lora(network.backbone, config, root)
+        if self.svd is not None:
+            inject_svd(network.backbone, self.svd, decompose=decompose)
+
+    def mark_trainable(self, network: SamSegmenter) -> list[str]:
+        """``requires_grad`` on exactly what this method trains; returns those names."""
+        adapters = set(adapter_parameters(network))
+        projected = {id(p) for p in self._galore_weights(network)}
+
+        def keep(name: str, param: nn.Parameter) -> bool:
+            owner_name, _, own_name = name.rpartition(".")
+            return (name in adapters or id(param) in projected or has_prefix(name, self.trained_in_full)
+                    or (self.train_position_embedding and own_name == "pos_embed")
+                    or (self.train_norms and _is_norm(network.get_submodule(owner_name))))
+
+        return mark_trainable(network, keep)
+
+    def _galore_weights(self, network: nn.Module) -> list[nn.Parameter]:
+        if self.galore is None:
+            return []
+        return list(galore_target_weights(network.get_submodule(ENCODER), self.galore).values())
+
+    # --- optimisation ----------------------------------------------------------------------
+
+    def optimizer_groups(self, network: SamSegmenter) -> list[dict]:
+        """Parameter groups over exactly the trainable parameters, each with its rate and a
+        ``name``: ``trained_in_full``, ``adapters``, ``class_head``, then GaLore's rank groups."""
+        trainable = [p for p in network.parameters() if p.requires_grad]
+        heads = {id(p) for p in network.class_head_parameters()}
+        adapters = {id(p) for p in adapter_parameters(network).values()}
+        projected = [p for p in self._galore_weights(network) if p.requires_grad]
+        projected_ids = {id(p) for p in projected}
+        buckets: dict[str, list[nn.Parameter]] = {"trained_in_full": [], "adapters": [], "class_head": []}
+        for p in trainable:
+            if id(p) in projected_ids:
+                continue
+            buckets["class_head" if id(p) in heads else "adapters" if id(p) in adapters else "trained_in_full"].append(p)
+        rates = {"trained_in_full": self.lr, "adapters": _or(self.adapter_lr, self.lr),
+                 "class_head": _or(self.head_lr, self.lr)}
+        groups = [{"name": name, "params": params, "lr": rates[name], "weight_decay": self.weight_decay}
+                  for name, params in buckets.items() if params]
+        if projected:
+            groups += [{"name": "galore", **g} for g in galore_rank_groups(projected, self.galore, self.weight_decay)]
+        return groups
+
+    def build_optimizer(self, network: SamSegmenter) -> torch.optim.Optimizer:
+        groups = self.optimizer_groups(network)
+        if self.galore is not None:
+            return galore_adamw(groups, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, max_iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
+        return warmup_poly_scheduler(optimizer, max_iterations, self.warmup_iterations, self.poly_power)
+
+    def build_loss(self) -> nn.Module:
+        """Loss on ``[B, N+1, H, W]`` logits and ``[B, 1, H, W]`` class-index labels."""
+        if self.loss == "dice_ce":
+            return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.2, lambda_dice=0.8)
+        # Per-class queries: each foreground channel is its own sigmoid mask (background is 0).
+        return DiceFocalLoss(to_onehot_y=True, sigmoid=True, include_background=False)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES) or type(module).__name__ == "LayerNorm2d"
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full", trained_in_full=("backbone", "prompt")),
+    "medsaga": Method("medsaga", galore=GaloreConfig(rank=32, update_proj_gap=200, scale=0.75, lr=8e-4)),
+    "samed": Method("samed", lora=((LoraConfig(rank=4, target_modules=("qkv",), qkv_parts=("q", "v")), "image_encoder"),),
+                    adapter_lr=2e-3),
+    "ssam": Method("ssam", prompt="class_tokens", svd=SvdConfig(), trained_in_full=("prompt",), train_norms=True,
+                   train_position_embedding=True, lr=1e-3, loss="dice_focal"),
+}
+
+
+def get_method(name: str | Method, **overrides: Any) -> Method:
+    """The registered method ``name`` with ``overrides`` (see :meth:`Method.with_overrides`)."""
+    if isinstance(name, Method):
+        return name.with_overrides(**overrides)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return METHODS[name].with_overrides(**overrides)
+
+
+def build_network(method: str | Method, backbone: str = "lite_medsam", num_classes: int = 1,
+                  checkpoint: str | None = "pretrained", image_size: int | None = None,
+                  weights: str | None = None, class_names: Sequence[str] | None = None,
+                  class_embeddings: str | None = None, decompose: bool = True) -> SamSegmenter:
+    """The method's network: the backbone with its prompt kind and adapters, what it trains marked.
+
+    Args:
+        weights: a plain ``model.pt`` (as the bundles export) loaded before the adapters are
+            injected, to fine-tune a previously trained model.
+        class_names, class_embeddings: starting class tokens (class-token methods only).
+        decompose: S-SAM computes each weight's SVD when injected; False leaves the factors
+            empty, to be filled by ``load_state_dict`` (or to count parameters quickly).
+    """
+    spec = get_method(method)
+    sam = build_backbone(backbone, image_size=image_size, checkpoint=checkpoint)
+    prompt = spec.build_prompt(num_classes, sam.prompt_encoder.embed_dim, class_names, class_embeddings)
     network = SamSegmenter(sam, num_classes=num_classes, prompt=prompt)
     if weights:
-        state = read_state_dict(weights)
-        load_state_dict_strict(network, state, weights, f"{method} network ({backbone}, {num_classes} classes)")
-    if method == "samed":
-        inject_lora(network.backbone, LoraConfig(rank=4, target_modules=("qkv",), qkv_parts=("q", "v")))
-        mark_only_lora_trainable(network, ("backbone.prompt_encoder", "backbone.mask_decoder"))
-    elif method == "ssam":
-        inject_svd(network.backbone, SvdConfig(), decompose=decompose)
-        _mark_ssam_trainable(network)
+        load_state_dict_strict(network, read_state_dict(weights), weights,
+                               f"{spec.name} network ({backbone}, {num_classes} classes)")
+    spec.inject_adapters(network, decompose=decompose)
+    spec.mark_trainable(network)
     return network
 
 
-def _mark_ssam_trainable(network: SamSegmenter) -> None:
-    """S-SAM trains the singular-value scale/shift, normalisation layers, the position embedding
-    and the class prompts; everything else (the pretrained weights) stays frozen."""
-    norm_types = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
-    for name, module in network.named_modules():
-        own = list(module.named_parameters(recurse=False))
-        is_norm = isinstance(module, norm_types) or type(module).__name__ == "LayerNorm2d"
-        for pname, p in own:
-            p.requires_grad_(is_norm or pname in ("scale", "shift", "pos_embed") or name.startswith("prompt"))
+def build_optimizer(method: str | Method, network: SamSegmenter) -> torch.optim.Optimizer:
+    """The method's optimiser over exactly the parameters its network trains."""
+    return get_method(method).build_optimizer(network)
 
 
-def build_optimizer(method: str, network: nn.Module, lr: float | None = None, weight_decay: float | None = None,
-                    galore: GaloreConfig | None = None, head_lr: float | None = None) -> torch.optim.Optimizer:
-    """The method's optimiser over the parameters its network leaves trainable.
-
-    ``head_lr``: the rate of the class read-out (``SamSegmenter.class_head_parameters``), which
-    starts from zero-initialised heads and has to move further than the pretrained weights;
-    None: ``lr`` for everything.
-    """
-    spec = get_method(method)
-    lr = spec.lr if lr is None else lr
-    weight_decay = spec.weight_decay if weight_decay is None else weight_decay
-    if method == "medsaga":
-        optimizer = build_galore_optimizer(network, galore or GaloreConfig(), lr=lr, weight_decay=weight_decay)
-    else:
-        params = [p for p in network.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if head_lr is not None:
-        _move_to_own_group(optimizer, network.class_head_parameters(), lr=head_lr)
-    return optimizer
+def build_scheduler(method: str | Method, optimizer: torch.optim.Optimizer, max_iterations: int):
+    """The method's warmup + poly schedule, stepped once per iteration."""
+    return get_method(method).build_scheduler(optimizer, max_iterations)
 
 
-def _move_to_own_group(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], **settings) -> None:
-    """Take ``params`` out of the optimiser's first group into a new group with ``settings``
-    (before the first step). Both optimisers above keep every parameter outside GaLore's rank
-    groups in their first group."""
-    moving = {id(p) for p in params}
-    plain = optimizer.param_groups[0]
-    taken = [p for p in plain["params"] if id(p) in moving]
-    plain["params"] = [p for p in plain["params"] if id(p) not in moving]
-    optimizer.add_param_group({**{k: v for k, v in plain.items() if k != "params"}, **settings, "params": taken})
-
-
-def build_loss(method: str) -> nn.Module:
-    """Loss on ``[B, N+1, H, W]`` logits and ``[B, 1, H, W]`` class-index labels."""
-    if get_method(method).prompt == "none":
-        return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.2, lambda_dice=0.8)
-    # Per-class queries: each foreground channel is its own sigmoid mask (background is 0).
-    return DiceFocalLoss(to_onehot_y=True, sigmoid=True, include_background=False)
+def build_loss(method: str | Method) -> nn.Module:
+    return get_method(method).build_loss()

@@ -95,7 +95,7 @@ class SamSegmenter(nn.Module):
         if self.prompt.per_class:
             if q != self.num_classes:
                 raise ValueError(f"per-class prompts need one query per class ({self.num_classes}), got {q}")
-            foreground = masks[:, :1].reshape(b, q, *masks.shape[-2:])
+            foreground = self.prompt.class_logits(masks[:, :1].reshape(b, q, *masks.shape[-2:]))
             logits = torch.cat([torch.zeros_like(foreground[:, :1]), foreground], dim=1)
         else:
             logits = masks

@@ -43,6 +43,11 @@ class PromptKind(nn.Module):
             raise ValueError(f"{type(self).__name__} needs prompt keys {missing}, got {sorted(prompts)}")
         return prompts
 
+    def class_logits(self, foreground: torch.Tensor) -> torch.Tensor:
+        """The per-class foreground logits ``[B, N, h, w]`` read from the decoder's masks
+        (per-class kinds only); the identity unless a kind calibrates them."""
+        return foreground
+
     def forward(self, prompt_encoder: PromptEncoder, batch_size: int,
                 prompts: Mapping[str, torch.Tensor] | None) -> PromptEmbeddings:
         self.check(prompts)
@@ -99,6 +104,14 @@ class ClassTokenPrompt(PromptKind):
     ``class_embeddings`` ``[N, E]`` (a text encoder's embeddings of the class names, or
     :func:`name_keyed_embeddings`) are projected to the prompt dimension and trained; without
     them each class starts from a small random embedding.
+
+    A learned token is no prompt SAM has seen: the pretrained decoder answers it with "no
+    object", foreground logits of about -24 on every pixel (LiteMedSAM on the demo slices).
+    There the sigmoid's gradient is e^-24, Dice learns nothing, and a few-shot run ends before
+    the tokens have moved the logits past 0 (S-SAM trains for 1000 epochs). So each class also
+    has a logit offset ``class_logit_bias`` ``[N]``, set once from the first training batch to
+    minus the mean start logit of that class (every class then starts at logit 0 on average,
+    as the widened decoder of the prompt-free methods does) and trained with the tokens.
     """
 
     per_class = True
@@ -111,6 +124,23 @@ class ClassTokenPrompt(PromptKind):
             raise ValueError(f"class_embeddings has {class_embeddings.shape[0]} rows, expected one per class ({num_classes})")
         self.class_embeddings = nn.Parameter(class_embeddings.clone().float())
         self.projection = nn.Linear(class_embeddings.shape[1], embed_dim)
+        self.class_logit_bias = nn.Parameter(torch.zeros(num_classes))
+        # Saved with the weights: a trained or reloaded model is never calibrated again.
+        self.register_buffer("logit_bias_calibrated", torch.tensor(False))
+
+    def class_logits(self, foreground: torch.Tensor) -> torch.Tensor:
+        """``[B, N, h, w]`` decoder logits plus each class's offset (calibrated on the first
+        training batch, see the class docstring)."""
+        if self.training and not bool(self.logit_bias_calibrated):
+            with torch.no_grad():
+                start = foreground.detach().float().mean(dim=(0, 2, 3))
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    # every process of a torchrun job must start from the same offsets
+                    torch.distributed.all_reduce(start)
+                    start /= torch.distributed.get_world_size()
+                self.class_logit_bias.copy_(-start)
+                self.logit_bias_calibrated.fill_(True)
+        return foreground + self.class_logit_bias.view(1, -1, 1, 1).to(foreground.dtype)
 
     def forward(self, prompt_encoder, batch_size, prompts):
         tokens = self.projection(self.class_embeddings)  # [N, D]

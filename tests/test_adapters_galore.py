@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from medsaga_components import SamSegmenter
-from medsaga_components.adapters.galore import GaloreConfig, build_galore_optimizer, galore_target_weights
+from medsaga_components.methods import build_network
+from medsaga_components.optimizers.galore import GaloreConfig, build_galore_optimizer, galore_target_weights
 
 
 def _one_step(net, optimizer, size, loss_scale=1.0):
@@ -64,9 +65,8 @@ def test_projection_comes_from_the_first_nonzero_gradient():
         assert torch.allclose(projected.square().sum(), top_r, rtol=1e-3), name
 
 
-def test_only_targets_train_in_the_encoder_and_the_decoder_trains_fully():
-    net = SamSegmenter("vit_tiny", num_classes=2, checkpoint=None, image_size=64)
-    build_galore_optimizer(net, GaloreConfig(rank=4))
+def test_medsaga_trains_only_targets_in_the_encoder_and_the_decoder_fully():
+    net = build_network("medsaga", "vit_tiny", num_classes=2, checkpoint=None, image_size=64)
     trainable_encoder = sorted(n for n, p in net.backbone.image_encoder.named_parameters() if p.requires_grad)
     assert trainable_encoder == [f"blocks.{i}.{m}.weight" for i in (0, 1)
                                  for m in ("attn.proj", "attn.qkv", "mlp.lin1", "mlp.lin2")]

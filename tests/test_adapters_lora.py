@@ -10,13 +10,13 @@ from torch import nn
 
 from medsaga_components._segment_anything import MaskDecoder, TwoWayTransformer
 from medsaga_components.adapters import (
+    adapter_parameters,
+    mark_only_adapters_trainable,
+    merge_adapters,
     LoraConfig,
     LoraLinear,
     count_parameters,
     inject_lora,
-    lora_parameters,
-    mark_only_lora_trainable,
-    merge_lora,
     parameter_breakdown,
     qkv_part_rows,
 )
@@ -38,7 +38,7 @@ def _images(seed: int = 1) -> torch.Tensor:
 def _randomize_lora_B(module: nn.Module, seed: int = 2) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in lora_parameters(module).items():
+        for name, param in adapter_parameters(module).items():
             if name.endswith(".B"):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
@@ -93,14 +93,14 @@ def test_injection_with_zero_B_equals_base(name):
         injected = inject_lora(backbone, LoraConfig())
         got = backbone.image_encoder(images)
     assert injected and all(isinstance(backbone.get_submodule(n), LoraLinear) for n in injected)
-    assert all(float(p.detach().abs().sum()) == 0.0 for n, p in lora_parameters(backbone).items() if n.endswith(".B"))
+    assert all(float(p.detach().abs().sum()) == 0.0 for n, p in adapter_parameters(backbone).items() if n.endswith(".B"))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_trainable_parameters_vit_tiny_are_exactly_the_lora_factors():
     backbone = _backbone("vit_tiny")
     inject_lora(backbone, LoraConfig())
-    trainable = mark_only_lora_trainable(backbone)
+    trainable = mark_only_adapters_trainable(backbone)
     expected = [
         f"image_encoder.blocks.{i}.attn.qkv.lora.{part}.{factor}"
         for i in (0, 1) for part in ("q", "v") for factor in ("A", "B")
@@ -114,7 +114,7 @@ def test_trainable_parameters_vit_tiny_are_exactly_the_lora_factors():
 def test_trainable_parameters_lite_medsam_tiny_and_samed_extras():
     backbone = _backbone("lite_medsam_tiny")
     inject_lora(backbone, LoraConfig())
-    trainable = mark_only_lora_trainable(backbone, extra_trainable_prefixes=("prompt_encoder", "mask_decoder"))
+    trainable = mark_only_adapters_trainable(backbone, extra_trainable_prefixes=("prompt_encoder", "mask_decoder"))
     lora_names = sorted(
         f"image_encoder.layers.{stage}.blocks.0.attn.qkv.lora.{part}.{factor}"
         for stage in (1, 2, 3) for part in ("q", "v") for factor in ("A", "B")
@@ -130,7 +130,7 @@ def test_trainable_parameters_lite_medsam_tiny_and_samed_extras():
 def test_gradients_reach_only_lora_factors():
     backbone = _backbone("vit_tiny")
     inject_lora(backbone, LoraConfig())
-    mark_only_lora_trainable(backbone)
+    mark_only_adapters_trainable(backbone)
     backbone.image_encoder(_images()).square().mean().backward()
     qkv = backbone.image_encoder.blocks[0].attn.qkv
     assert qkv.base_layer.weight.grad is None
@@ -178,7 +178,7 @@ def test_merged_export_equals_adapted_and_loads_strictly_into_plain(name):
         adapted_out = backbone.image_encoder(images)
         assert not torch.allclose(adapted_out, base_out, atol=1e-3)  # the update is really there
 
-        merge_lora(backbone)
+        merge_adapters(backbone)
         assert not any(isinstance(m, LoraLinear) for m in backbone.modules())
         torch.testing.assert_close(backbone.image_encoder(images), adapted_out, atol=1e-5, rtol=1e-5)
 
@@ -202,7 +202,7 @@ def test_whole_output_lora_on_mask_decoder_merges_exactly():
     _randomize_lora_B(backbone)
     with torch.no_grad():
         adapted = _decoder_logits(backbone, images)
-        merge_lora(backbone)
+        merge_adapters(backbone)
         torch.testing.assert_close(_decoder_logits(backbone, images), adapted, atol=1e-5, rtol=1e-5)
         fresh = _backbone("vit_tiny", seed=7)
         fresh.load_state_dict(backbone.state_dict(), strict=True)
@@ -232,9 +232,9 @@ def test_samed_vit_b_512_trainable_parameters_match_published_4_9M():
     )
     assert backbone.mask_decoder.num_mask_tokens == 9
     inject_lora(backbone, LoraConfig(rank=4, qkv_parts=("q", "v")))
-    mark_only_lora_trainable(backbone, extra_trainable_prefixes=("prompt_encoder", "mask_decoder"))
+    mark_only_adapters_trainable(backbone, extra_trainable_prefixes=("prompt_encoder", "mask_decoder"))
 
-    lora_count = sum(p.numel() for p in lora_parameters(backbone).values())
+    lora_count = sum(p.numel() for p in adapter_parameters(backbone).values())
     assert lora_count == 12 * 2 * (4 * 768 + 768 * 4) == 147_456
     prompt_count = count_parameters(backbone.prompt_encoder, trainable_only=False)
     decoder_count = count_parameters(backbone.mask_decoder, trainable_only=False)

@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from medsaga_components.adapters import (
+    adapter_parameters,
+    mark_only_adapters_trainable,
+    merge_adapters,
     SvdConfig,
     SvdConv2d,
     SvdLinear,
     count_parameters,
     inject_svd,
-    mark_only_svd_trainable,
-    merge_svd,
-    svd_parameters,
 )
 from medsaga_components.backbones import build_backbone
 
@@ -35,7 +35,7 @@ def _images(seed: int = 1) -> torch.Tensor:
 def _randomize_scale_shift(module: nn.Module, seed: int = 2) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in svd_parameters(module).items():
+        for name, param in adapter_parameters(module).items():
             noise = torch.randn(param.shape, generator=gen)
             param.copy_(1.0 + 0.3 * noise if name.endswith("scale") else 0.05 * noise)
 
@@ -66,7 +66,7 @@ def test_targets_vit_tiny_and_trainable_names():
     assert replaced == [f"image_encoder.{n}" for n in layers]
     # SAM's patch embedding is a Conv2d called "proj": not a Linear target, left alone
     assert type(backbone.image_encoder.patch_embed.proj) is nn.Conv2d
-    trainable = mark_only_svd_trainable(backbone)
+    trainable = mark_only_adapters_trainable(backbone)
     assert trainable == sorted(f"image_encoder.{n}.{p}" for n in layers for p in ("scale", "shift"))
     assert not backbone.image_encoder.blocks[0].attn.qkv.bias.requires_grad
     buffers = dict(backbone.named_buffers())
@@ -78,7 +78,7 @@ def test_scale_shift_count_is_twice_the_sum_of_min_dims(name):
     plain = _backbone(name)
     backbone = _backbone(name)
     replaced = inject_svd(backbone, SvdConfig())
-    mark_only_svd_trainable(backbone)
+    mark_only_adapters_trainable(backbone)
     expected_k = 0
     for layer_name in replaced:
         weight = plain.get_submodule(layer_name).weight
@@ -102,7 +102,7 @@ def test_merged_export_equals_adapted_and_loads_strictly_into_plain(name):
         adapted_out = backbone.image_encoder(images)
         assert not torch.allclose(adapted_out, base_out, atol=1e-3)  # the adaptation is really there
 
-        merge_svd(backbone)
+        merge_adapters(backbone)
         assert not any(isinstance(m, (SvdLinear, SvdConv2d)) for m in backbone.modules())
         torch.testing.assert_close(backbone.image_encoder(images), adapted_out, atol=1e-5, rtol=1e-5)
 

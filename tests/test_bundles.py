@@ -15,7 +15,7 @@ from monai.bundle import ConfigWorkflow
 
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
 from medsaga_components import SamSegmenter
-from medsaga_components.adapters.galore import allow_galore_state_in_checkpoints
+from medsaga_components.optimizers.galore import allow_galore_state_in_checkpoints
 from medsaga_components.data import write_demo_dataset
 
 pytestmark = pytest.mark.slow

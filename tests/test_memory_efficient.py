@@ -7,22 +7,29 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from medsaga_components.adapters.galore import GaloreConfig, allow_galore_state_in_checkpoints
+from medsaga_components.optimizers.galore import GaloreConfig, allow_galore_state_in_checkpoints
 from medsaga_components.backbones.tiny_vit import MBConv
 from medsaga_components.benchmark import saved_activation_bytes
 from medsaga_components.engine.memory import (
     MBCONV_CHANNEL_GROUPS,
-    LayerwiseOptimizer,
     MemoryConfig,
     disable_memory_efficient_training,
     enable_memory_efficient_training,
     encoder_segments,
     mbconv_forward_in_channel_groups,
 )
-from medsaga_components.methods import build_loss, build_network, build_optimizer
+from medsaga_components.methods import build_loss, build_network, build_optimizer, get_method
+from medsaga_components.optimizers import LayerwiseOptimizer
 
 SIZE = 32  # the tiny backbones accept it (multiple of 16 for vit_tiny, of 4 for lite_medsam_tiny)
 GALORE = GaloreConfig(rank=4, update_proj_gap=2)  # the projection is refreshed within the 3 test steps
+
+
+def _method(name, **overrides):
+    """The registered method with the test's GaLore settings (for medsaga)."""
+    if name == "medsaga":
+        overrides.update(rank=GALORE.rank, update_proj_gap=GALORE.update_proj_gap)
+    return get_method(name, **overrides)
 ONLY = {name: MemoryConfig(**{k: k == name for k in MemoryConfig().as_dict()})
         for name in ("activation_checkpointing", "layerwise_steps")}
 
@@ -45,7 +52,7 @@ def _setup(method, backbone, config):
     torch.manual_seed(0)
     network = build_network(method, backbone, num_classes=2, checkpoint=None, image_size=SIZE)
     network.train()
-    optimizer = build_optimizer(method, network, lr=1e-3, galore=GALORE)
+    optimizer = build_optimizer(_method(method, lr=1e-3), network)
     return network, enable_memory_efficient_training(network, optimizer, config)
 
 
@@ -108,7 +115,7 @@ def test_frozen_leading_segments_run_without_autograd():
     gelu = network.backbone.image_encoder.layers[0].blocks[0].act1
     gelu.register_forward_hook(lambda m, args, out: grad_mode.append(torch.is_grad_enabled()))
     network(images)
-    enable_memory_efficient_training(network, build_optimizer("medsaga", network, galore=GALORE),
+    enable_memory_efficient_training(network, build_optimizer(_method("medsaga"), network),
                                      MemoryConfig(activation_checkpointing=False, layerwise_steps=False))
     network(images)
     # plain: once, with autograd; frozen: once per channel group, without
@@ -142,7 +149,7 @@ def test_patches_keep_state_dict_keys_and_come_off_again():
     network, _ = _setup("medsaga", "lite_medsam_tiny", MemoryConfig.off())
     keys = list(network.state_dict())
     segments = encoder_segments(network.backbone.image_encoder)
-    optimizer = build_optimizer("medsaga", network, galore=GALORE)
+    optimizer = build_optimizer(_method("medsaga"), network)
     enable_memory_efficient_training(network, optimizer, MemoryConfig())
     optimizer = enable_memory_efficient_training(network, optimizer, MemoryConfig())  # twice: no double patch
     assert list(network.state_dict()) == keys
@@ -254,7 +261,7 @@ def test_memory_config_from_json_values():
 def test_bf16_autocast_on_cuda_returns_float32_logits():
     network, _ = _setup("medsaga", "vit_tiny", MemoryConfig.off())
     network.cuda()
-    enable_memory_efficient_training(network, build_optimizer("medsaga", network, galore=GALORE),
+    enable_memory_efficient_training(network, build_optimizer(_method("medsaga"), network),
                                      MemoryConfig(activation_checkpointing=False, layerwise_steps=False))
     dtypes = []
     network.backbone.image_encoder.blocks[0].register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))

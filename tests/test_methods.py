@@ -6,7 +6,7 @@ import torch
 from medsaga_components import SamSegmenter
 from medsaga_components.adapters import count_parameters
 from medsaga_components.engine import plain_state_dict
-from medsaga_components.methods import METHODS, build_loss, build_network, build_optimizer
+from medsaga_components.methods import METHODS, build_loss, build_network, build_optimizer, get_method
 
 
 def _trainable(network):
@@ -84,7 +84,7 @@ def test_head_lr_gives_the_class_read_out_its_own_group(method):
     net = build_network(method, "lite_medsam_tiny", 2, checkpoint=None, image_size=64)
     heads = {id(p) for p in net.class_head_parameters()}
     assert heads
-    optimizer = build_optimizer(method, net, lr=1e-4, head_lr=3e-3)
+    optimizer = build_optimizer(get_method(method, lr=1e-4, head_lr=3e-3), net)
     grouped = [p for g in optimizer.param_groups for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == sum(p.requires_grad for p in net.parameters())
     head_groups = [g for g in optimizer.param_groups if any(id(p) in heads for p in g["params"])]
@@ -93,3 +93,27 @@ def test_head_lr_gives_the_class_read_out_its_own_group(method):
     assert all(g["lr"] != 3e-3 for g in optimizer.param_groups if g is not head_groups[0])
     if method == "medsaga":  # the GaLore rank groups keep the encoder weights, at their own rate
         assert all(not any(id(p) in heads for p in g["params"]) for g in optimizer.param_groups if "rank" in g)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_optimizer_groups_hold_exactly_the_trainable_parameters_once(method):
+    net = build_network(method, "lite_medsam_tiny", 2, checkpoint=None, image_size=64)
+    groups = get_method(method).optimizer_groups(net)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for p in net.parameters() if p.requires_grad}
+    assert all(g["params"] for g in groups)
+
+
+def test_overrides_change_one_setting_and_refuse_what_the_method_lacks():
+    samed = get_method("samed", rank=8, lr=None)
+    assert samed.lora[0][0].rank == 8 and samed.lr == METHODS["samed"].lr
+    assert get_method("medsaga", rank=16, galore_scale=0.5).galore.rank == 16
+    with pytest.raises(ValueError, match="does not use GaLore"):
+        get_method("samed", galore_scale=0.5)
+    with pytest.raises(ValueError, match="no rank"):
+        get_method("ssam", rank=4)
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("lora")
+    with pytest.raises(ValueError, match="unknown settings"):
+        get_method("medsaga", learning_rate=1.0)

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..backbones.tiny_vit import WindowAttention
+from .base import AdapterLayer, replace_layers
 
 # Targets with this name are fused q|k|v projections; ``LoraConfig.qkv_parts`` applies to them only.
 FUSED_QKV_NAME = "qkv"
@@ -148,7 +149,7 @@ class LowRankUpdate(nn.Module):
         return self.B @ self.A
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus low-rank updates on all or some of its output rows.
 
     ``y = base(x)``, then for each update ``y[..., rows] += scaling * dropout(x) @ A^T @ B^T``.
@@ -160,6 +161,8 @@ class LoraLinear(nn.Module):
             projection (``lora.q``, ``lora.v``), or None for one whole-output update
             (``lora.full``).
     """
+
+    adapter_parameter_names = ("A", "B")
 
     def __init__(self, base_layer: nn.Linear, rank: int, scaling: float = 1.0, dropout: float = 0.0,
                  part_rows: dict[str, torch.Tensor] | None = None) -> None:
@@ -231,15 +234,6 @@ class LoraLinear(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling}, parts={list(self.lora.keys())}"
 
 
-def _set_submodule(root: nn.Module, dotted_name: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted_name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _qualified(root: str | None, name: str) -> str:
-    return f"{root}.{name}" if root else name
-
-
 def inject_lora(module: nn.Module, config: LoraConfig, root: str | None = "image_encoder") -> list[str]:
     """Wrap every target Linear under ``module.<root>`` in a ``LoraLinear``, in place.
 
@@ -247,7 +241,7 @@ def inject_lora(module: nn.Module, config: LoraConfig, root: str | None = "image
     ``config.target_modules``. Fused ``qkv`` targets get one update per ``config.qkv_parts``
     entry, on the rows the owning attention module uses for that part; other targets (and
     fused ones when ``qkv_parts`` is None) get one whole-output update. Base weights of the
-    targets are frozen; nothing else changes (see ``mark_only_lora_trainable``).
+    targets are frozen; nothing else changes (``adapters.base.mark_trainable`` decides the rest).
 
     Args:
         module: e.g. a ``SamBackbone``.
@@ -257,71 +251,18 @@ def inject_lora(module: nn.Module, config: LoraConfig, root: str | None = "image
     Returns:
         Dotted names, relative to ``module``, of the wrapped Linears.
     Raises:
-        ValueError: when no target matches (a typo in ``target_modules`` would otherwise
-            silently train nothing).
+        ValueError: when no target matches.
     """
     search_root = module.get_submodule(root) if root else module
-    matches = [
-        (name, linear) for name, linear in search_root.named_modules()
-        if isinstance(linear, nn.Linear) and name.rpartition(".")[2] in config.target_modules
-        # a Linear already wrapped is reached as "<name>.base_layer", whose name is not a target
-    ]
-    if not matches:
-        raise ValueError(f"no nn.Linear named {config.target_modules} under {root or 'the module'!r}")
-    injected = []
-    for name, linear in matches:
+
+    def wrap(name: str, linear: nn.Linear) -> LoraLinear:
         part_rows = None
         if config.qkv_parts is not None and name.rpartition(".")[2] == FUSED_QKV_NAME:
             owner_name = name.rpartition(".")[0]
             owner = search_root.get_submodule(owner_name) if owner_name else search_root
             part_rows = qkv_rows_for_attention(owner, linear, config.qkv_parts)
-        wrapped = LoraLinear(linear, config.rank, config.scaling, config.dropout, part_rows)
-        _set_submodule(search_root, name, wrapped)
-        injected.append(_qualified(root, name))
-    return injected
+        return LoraLinear(linear, config.rank, config.scaling, config.dropout, part_rows)
 
-
-def merge_lora(module: nn.Module) -> nn.Module:
-    """Replace every ``LoraLinear`` in ``module`` by its merged plain ``nn.Linear``, in place.
-
-    Afterwards ``module.state_dict()`` has exactly the keys and shapes of the network that
-    was never adapted, so strict loaders (MONAI Label, ``load_state_dict(strict=True)``)
-    accept it. Returns ``module``; if ``module`` itself is a ``LoraLinear`` the merged
-    Linear is returned instead.
-    """
-    if isinstance(module, LoraLinear):
-        return module.merge()
-    for name, layer in [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLinear)]:
-        _set_submodule(module, name, layer.merge())
-    return module
-
-
-def lora_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """``{dotted name: parameter}`` of every LoRA A and B in ``module`` (for optimizers, counts)."""
-    found = {}
-    for layer_name, layer in module.named_modules():
-        if isinstance(layer, LoraLinear):
-            for name, param in layer.lora.named_parameters():
-                found[f"{layer_name}.lora.{name}" if layer_name else f"lora.{name}"] = param
-    return found
-
-
-def mark_only_lora_trainable(module: nn.Module, extra_trainable_prefixes: Iterable[str] = ()) -> list[str]:
-    """Freeze every parameter except LoRA's and those under the given name prefixes.
-
-    Args:
-        module: the adapted network.
-        extra_trainable_prefixes: dotted-name prefixes trained in full, e.g.
-            ``("prompt_encoder", "mask_decoder")`` for SAMed.
-    Returns:
-        Sorted names of the parameters left trainable.
-    """
-    prefixes = tuple(p.rstrip(".") for p in extra_trainable_prefixes)
-    lora_names = set(lora_parameters(module))
-    trainable = []
-    for name, param in module.named_parameters():
-        keep = name in lora_names or any(name == p or name.startswith(p + ".") for p in prefixes)
-        param.requires_grad_(keep)
-        if keep:
-            trainable.append(name)
-    return sorted(trainable)
+    return replace_layers(module, root, lambda name, layer: isinstance(layer, nn.Linear)
+                          and name.rpartition(".")[2] in config.target_modules, wrap,
+                          f"nn.Linear named {config.target_modules}")

@@ -11,17 +11,17 @@ per singular value: ``2 * min(out, in)`` trainable numbers per weight. At ``a = 
 
 ``U``, ``s`` and ``V^T`` are persistent buffers: a training checkpoint holds them, and
 ``inject_svd(..., decompose=False)`` builds the adapted layout without running an SVD so
-that checkpoint loads straight back. ``merge_svd`` folds ``W'`` into plain layers for export.
+that checkpoint loads straight back. ``adapters.base.merge_adapters`` folds ``W'`` into plain layers for export.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .base import AdapterLayer, replace_layers
 
 # Encoder weights S-SAM adapts: SAM ViT (qkv, proj, lin1, lin2) and TinyViT (qkv, proj, fc1, fc2).
 DEFAULT_SVD_TARGETS = ("qkv", "proj", "lin1", "lin2", "fc1", "fc2")
@@ -42,7 +42,7 @@ class SvdConfig:
     include_neck: bool = True
 
 
-class SingularValueAdapter(nn.Module):
+class SingularValueAdapter(AdapterLayer):
     """Frozen ``U, s, V^T`` of a 2-D weight with trainable ``scale`` (a) and ``shift`` (b).
 
     Buffers: ``U [out, k]``, ``singular_values [k]``, ``Vh [k, in]`` with ``k = min(out, in)``.
@@ -53,6 +53,8 @@ class SingularValueAdapter(nn.Module):
         decompose: False allocates the buffers (zeros) without an SVD, for loading a
             checkpoint that already holds them.
     """
+
+    adapter_parameter_names = ("scale", "shift")
 
     def __init__(self, weight_2d: torch.Tensor, decompose: bool = True) -> None:
         super().__init__()
@@ -168,11 +170,6 @@ class SvdConv2d(SingularValueAdapter):
                 f"stride={self.stride}, padding={self.padding}, rank={self.rank}")
 
 
-def _set_submodule(root: nn.Module, dotted_name: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted_name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def inject_svd(module: nn.Module, config: SvdConfig, root: str | None = "image_encoder",
                decompose: bool = True) -> list[str]:
     """Replace the target Linears (and neck Conv2ds) under ``module.<root>`` in place.
@@ -188,62 +185,12 @@ def inject_svd(module: nn.Module, config: SvdConfig, root: str | None = "image_e
     Raises:
         ValueError: when nothing matches.
     """
-    search_root = module.get_submodule(root) if root else module
-    targets: list[tuple[str, nn.Module]] = [
-        (name, layer) for name, layer in search_root.named_modules()
-        if isinstance(layer, nn.Linear) and name.rpartition(".")[2] in config.target_modules
-    ]
-    if config.include_neck and hasattr(search_root, NECK_NAME):
-        targets += [
-            (f"{NECK_NAME}.{name}", layer) for name, layer in getattr(search_root, NECK_NAME).named_modules()
-            if isinstance(layer, nn.Conv2d)
-        ]
-    if not targets:
-        raise ValueError(f"no layer matches {config} under {root or 'the module'!r}")
-    replaced = []
-    for name, layer in targets:
-        adapter = SvdLinear(layer, decompose) if isinstance(layer, nn.Linear) else SvdConv2d(layer, decompose)
-        _set_submodule(search_root, name, adapter)
-        replaced.append(f"{root}.{name}" if root else name)
-    return replaced
+    def matches(name: str, layer: nn.Module) -> bool:
+        if isinstance(layer, nn.Linear):
+            return name.rpartition(".")[2] in config.target_modules
+        return config.include_neck and isinstance(layer, nn.Conv2d) and name.startswith(NECK_NAME + ".")
 
+    def wrap(name: str, layer: nn.Module) -> SingularValueAdapter:
+        return SvdLinear(layer, decompose) if isinstance(layer, nn.Linear) else SvdConv2d(layer, decompose)
 
-def merge_svd(module: nn.Module) -> nn.Module:
-    """Replace every ``SvdLinear``/``SvdConv2d`` by a plain layer with its adapted weight, in place.
-
-    Afterwards the state_dict keys and shapes are those of the never-adapted network.
-    Returns ``module`` (or the merged layer if ``module`` itself is an adapter).
-    """
-    if isinstance(module, (SvdLinear, SvdConv2d)):
-        return module.merge()
-    for name, layer in [(n, m) for n, m in module.named_modules() if isinstance(m, (SvdLinear, SvdConv2d))]:
-        _set_submodule(module, name, layer.merge())
-    return module
-
-
-def svd_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """``{dotted name: parameter}`` of every singular-value ``scale`` and ``shift`` in ``module``."""
-    found = {}
-    for layer_name, layer in module.named_modules():
-        if isinstance(layer, SingularValueAdapter):
-            prefix = f"{layer_name}." if layer_name else ""
-            found[prefix + "scale"] = layer.scale
-            found[prefix + "shift"] = layer.shift
-    return found
-
-
-def mark_only_svd_trainable(module: nn.Module, extra_trainable_prefixes: Iterable[str] = ()) -> list[str]:
-    """Freeze every parameter except the singular-value scales/shifts and the given name prefixes.
-
-    S-SAM also trains norms and position embeddings: pass their prefixes or unfreeze them after.
-    Returns the sorted names of the parameters left trainable.
-    """
-    prefixes = tuple(p.rstrip(".") for p in extra_trainable_prefixes)
-    svd_names = set(svd_parameters(module))
-    trainable = []
-    for name, param in module.named_parameters():
-        keep = name in svd_names or any(name == p or name.startswith(p + ".") for p in prefixes)
-        param.requires_grad_(keep)
-        if keep:
-            trainable.append(name)
-    return sorted(trainable)
+    return replace_layers(module, root, matches, wrap, f"layer matching {config}")

@@ -12,13 +12,11 @@ from torch import nn
 
 
 def merge_adapters(network: nn.Module) -> nn.Module:
-    """A copy of ``network`` with every adapter (LoRA, SVD) folded into plain layers."""
-    from ..adapters import merge_lora, merge_svd
+    """A copy of ``network`` with every adapter (LoRA, SVD) folded into plain layers; ``network``
+    itself keeps training."""
+    from .. import adapters
 
-    merged = copy.deepcopy(network)
-    merge_lora(merged)
-    merge_svd(merged)
-    return merged
+    return adapters.merge_adapters(copy.deepcopy(network))
 
 
 def plain_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:

@@ -9,16 +9,15 @@ weight. This mode removes those, each part behind its own switch in :class:`Memo
   activations when backward reaches it (``torch.utils.checkpoint``, non-reentrant), so at
   most one segment's activations exist at a time. The segment's ``forward`` is patched on
   the instance, so state_dict keys do not change and the patch can be removed.
-* ``layerwise_steps``: :class:`LayerwiseOptimizer` steps each parameter inside its
-  post-accumulate-grad hook and drops the gradient there, so the full-size gradients of the
-  whole network never coexist (PyTorch's "optimizer step in backward" pattern).
+* ``layerwise_steps``: :class:`~medsaga_components.optimizers.layerwise.LayerwiseOptimizer`
+  steps each parameter inside its post-accumulate-grad hook and drops the gradient there, so
+  the full-size gradients of the whole network never coexist.
 * ``bf16_autocast``: on CUDA the network's training forward runs under
   ``torch.autocast(dtype=bfloat16)`` and returns float32 logits. Inert on CPU. MONAI's own
   ``SupervisedTrainer(amp=True)`` is not used: it always creates a GradScaler, which bf16
   does not need, and ``GradScaler.step`` asserts on an optimiser whose gradients were
   consumed during backward.
-* ``frozen_without_grad``: parameters the optimiser does not train get
-  ``requires_grad=False``, and an encoder segment with no trainable parameter and no input
+* ``frozen_without_grad``: an encoder segment with no trainable parameter and no input
   that needs a gradient (TinyViT's patch embedding and conv stage under MedSAGa and SAMed,
   SAM ViT's patch embedding) runs under ``torch.no_grad()``: it stores nothing for backward.
   A frozen TinyViT MBConv block then also runs its 4x-expanded hidden channels in groups
@@ -43,9 +42,7 @@ machine with a GPU.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import warnings
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -57,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._segment_anything import ImageEncoderViT
 from ..backbones.tiny_vit import MBConv, TinyViTEncoder
+from ..optimizers.layerwise import LayerwiseOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +69,7 @@ class MemoryConfig:
             (:class:`LayerwiseOptimizer`); incompatible with gradient accumulation, gradient
             clipping and multi-process data parallel training.
         bf16_autocast: bfloat16 autocast of the training forward; applies only on CUDA.
-        frozen_without_grad: no gradients for what the optimiser does not train; frozen
-            leading encoder segments run without autograd.
+        frozen_without_grad: frozen leading encoder segments run without autograd.
     """
 
     activation_checkpointing: bool = True
@@ -320,127 +317,15 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def freeze_parameters_outside(network: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """``requires_grad=False`` (and no ``.grad``) for every parameter the optimiser does not hold.
-
-    Returns how many parameters were newly frozen. Such parameters would otherwise get
-    full-size gradients that nothing reads.
-    """
-    trained = {id(p) for p in optimizer_parameters(optimizer)}
-    frozen = 0
-    for p in network.parameters():
-        if id(p) not in trained:
-            frozen += int(p.requires_grad)
-            p.requires_grad_(False)
-            p.grad = None
-    return frozen
-
-
-# --- per-parameter optimiser steps ---------------------------------------------------------
-
-class LayerwiseOptimizer(torch.optim.Optimizer):
-    """An optimiser that steps each parameter inside backward, as soon as its gradient is done.
-
-    Wraps the groups of an existing optimiser (``torch.optim.AdamW``, ``GaLoreAdamW``, any
-    optimiser whose update of a parameter reads only that parameter's gradient and state).
-    Every parameter gets its own optimiser of the same class with a single group holding
-    that parameter and a copy of its group's settings (rank, projection gap, scale for GaLore
-    rank groups), so the update is the grouped optimiser's update. (For MedSAGa that is
-    GaLoreAdamW for every parameter, as in the grouped optimiser: galore-torch's plain group
-    is its own AdamW, eps 1e-6 and weight decay after the update, not ``torch.optim.AdamW``.) A
-    ``register_post_accumulate_grad_hook`` on each parameter runs that optimiser and sets
-    ``p.grad = None``: at most one parameter's full-size gradient exists at a time.
-
-    What MONAI's ``SupervisedTrainer`` sees:
-
-    * ``param_groups``: the wrapped optimiser's groups. The per-parameter optimisers copy
-      their group's settings (``lr`` first) right before each step, so ``LambdaLR`` and
-      MONAI's ``LrScheduleHandler`` built on this object change the rate actually used.
-    * ``zero_grad()`` and ``step()``: cheap no-ops for hooked parameters, whose gradients
-      are already consumed. ``step()`` still steps any parameter that holds a gradient
-      (one set by hand, or after :meth:`remove_hooks`).
-    * ``state``/``state_dict()``/``load_state_dict()``: the per-parameter optimisers write
-      into this object's ``state``, so the state dict has the wrapped optimiser's format
-      (loadable into the grouped optimiser and back). GaLore projector objects need
-      ``medsaga_components.adapters.galore.allow_galore_state_in_checkpoints()`` for
-      ``torch.load(weights_only=True)``.
-
-    Not compatible with: gradient accumulation (every backward steps), gradient clipping by
-    global norm (no moment holds all gradients), GradScaler (loss scaling / inf checks), and
-    multi-process DDP (these hooks fire before DDP's gradient all-reduce).
-
-    Args:
-        param_groups: the wrapped optimiser's ``param_groups`` (each a dict with ``params``).
-        optimizer_class: the class of the per-parameter optimisers.
-        defaults: the wrapped optimiser's ``defaults``.
-        constructor_kwargs: extra keyword arguments for ``optimizer_class``.
-    """
-
-    def __init__(self, param_groups: list[dict], optimizer_class: type[torch.optim.Optimizer],
-                 defaults: Mapping[str, Any], constructor_kwargs: Mapping[str, Any] | None = None) -> None:
-        super().__init__([dict(group) for group in param_groups], dict(defaults))
-        self.optimizer_class = optimizer_class
-        kwargs = _constructor_kwargs(optimizer_class, defaults, constructor_kwargs or {})
-        self._per_parameter: dict[torch.Tensor, tuple[torch.optim.Optimizer, int]] = {}
-        self._hooks = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # galore-torch's deprecation notice
-            for index, group in enumerate(self.param_groups):
-                for p in group["params"]:
-                    single = optimizer_class([{**_settings(group), "params": [p]}], **kwargs)
-                    single.state = self.state  # one state for all: state_dict() covers every parameter
-                    self._per_parameter[p] = (single, index)
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._step_parameter))
-
-    @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> LayerwiseOptimizer:
-        """The layerwise version of a freshly built (not yet stepped) ``optimizer``."""
-        if any(optimizer.state.values()):
-            raise ValueError("wrap the optimiser before it has stepped (its state would be dropped)")
-        return cls(optimizer.param_groups, type(optimizer), optimizer.defaults)
-
-    def _step_parameter(self, p: torch.Tensor) -> None:
-        single, index = self._per_parameter[p]
-        single.param_groups[0].update(_settings(self.param_groups[index]))
-        single.step()
-        p.grad = None
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Step the parameters that still hold a gradient: none while the hooks are installed."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for p in self._per_parameter:
-            if p.grad is not None:
-                self._step_parameter(p)
-        return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for single, _ in self._per_parameter.values():
-            single.state = self.state  # the base class replaced ``self.state`` with a new dict
-
-    def remove_hooks(self) -> None:
-        """Stop stepping in backward; :meth:`step` then steps like an ordinary optimiser."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-
-
-def _settings(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in group.items() if k != "params"}
-
-
-def _constructor_kwargs(optimizer_class: type, defaults: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The defaults the class's constructor accepts (e.g. AdamW's ``decoupled_weight_decay``
-    is a default but not an argument), plus galore-torch's warning switch when it has one."""
-    accepted = inspect.signature(optimizer_class.__init__).parameters
-    kwargs = {k: v for k, v in defaults.items() if k in accepted}
-    if "no_deprecation_warning" in accepted:
-        kwargs["no_deprecation_warning"] = True
-    return {**kwargs, **extra}
+def check_optimizer_holds_trainable(network: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Fail when a trainable parameter of ``network`` is not in ``optimizer``: it would get a
+    full-size gradient that nothing reads. Which parameters train is the method's business
+    (``methods.Method.mark_trainable``); its optimiser holds exactly those."""
+    held = {id(p) for p in optimizer_parameters(optimizer)}
+    missing = [name for name, p in network.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ValueError(f"{len(missing)} trainable parameters are not in the optimiser (first: {missing[:3]}); "
+                         "build the optimiser with medsaga_components.methods.build_optimizer")
 
 
 # --- the entry point -------------------------------------------------------------------------
@@ -465,8 +350,7 @@ def enable_memory_efficient_training(network: nn.Module, optimizer: torch.optim.
             and torch.distributed.get_world_size() > 1:
         raise ValueError("layerwise_steps cannot run under multi-process data parallel training (the steps "
                          "would use gradients before their all-reduce): set it to false in the multi-GPU config")
-    if config.frozen_without_grad:
-        freeze_parameters_outside(network, optimizer)
+    check_optimizer_holds_trainable(network, optimizer)
     set_segment_forwards(network.get_submodule(encoder_name), config.activation_checkpointing,
                          config.frozen_without_grad)
     _Bf16AutocastForward.remove(network)
@@ -493,4 +377,4 @@ def disable_memory_efficient_training(network: nn.Module, optimizer: torch.optim
 
 __all__ = ["MemoryConfig", "LayerwiseOptimizer", "enable_memory_efficient_training",
            "disable_memory_efficient_training", "encoder_segments", "set_segment_forwards",
-           "freeze_parameters_outside", "optimizer_parameters", "mbconv_forward_in_channel_groups"]
+           "check_optimizer_holds_trainable", "optimizer_parameters", "mbconv_forward_in_channel_groups"]

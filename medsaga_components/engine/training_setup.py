@@ -37,7 +37,7 @@ def prepare_training(trainer: Engine, network: nn.Module, optimizer, lr_schedule
         if path is None:
             raise FileNotFoundError(f"resume=True but no checkpoint in {checkpoint_dir}")
         # GaLore's projector objects are in the optimizer state; let weights_only loading accept them.
-        from ..adapters.galore import allow_galore_state_in_checkpoints
+        from ..optimizers.galore import allow_galore_state_in_checkpoints
 
         allow_galore_state_in_checkpoints()
         CheckpointLoader(load_path=str(path), load_dict=save_dict, map_location="cpu").attach(trainer)

@@ -1,9 +1,9 @@
-"""GaLore parameter groups for MedSAGa: gradient low-rank projection on SAM's image encoder.
+"""GaLoreAdamW for MedSAGa: gradient low-rank projection of SAM's image encoder weights.
 
-The 2-D weights of the encoder's attention and MLP linear layers go into GaLore rank groups
-(their Adam moments live in a rank-r subspace, refreshed every ``update_proj_gap`` steps);
-the prompt encoder, the mask decoder and any prompt module are trained by plain AdamW in a
-second group; every other encoder parameter is frozen. The public MedSAGa code built these
+GaLore is an optimiser, not an adapter: the weights keep their shape and train in full, but
+the Adam moments of the encoder's attention and MLP weights live in a rank-r subspace of
+their gradients, refreshed every ``update_proj_gap`` steps. Every other trainable parameter
+is stepped by plain AdamW in GaLoreAdamW's other groups. The public MedSAGa code built rank
 groups but never passed them to ``GaLoreAdamW``, so it ran as plain AdamW; here the groups
 are what the optimiser receives, and ``tests/test_adapters_galore.py`` checks that the
 optimiser state really has rank r.
@@ -34,14 +34,14 @@ class GaloreConfig:
             projected r x n gradient entry by entry; projected back onto an orthonormal basis of
             the weight's smaller side s, that update has an RMS of about sqrt(r / s) per entry,
             so a rank group moves each weight by about ``lr * scale * sqrt(r / s)``, where AdamW
-            moves it by ``lr``. The medsaga bundle's lr 8e-4 with scale 0.75 gives 3.0, 2.7 and
+            moves it by ``lr``. The medsaga method's lr 8e-4 with scale 0.75 gives 3.0, 2.7 and
             1.9 x 1e-4 for TinyViT's 128-, 160- and 320-wide stages at r = 32, the size of
             full fine-tuning's AdamW steps at 2e-4 (scale 0.25 gave a third of that).
     """
 
     rank: int = 32
     update_proj_gap: int = 200
-    scale: float = 0.25
+    scale: float = 0.75
     proj_type: str = "std"
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     lr: float | None = None
@@ -56,27 +56,18 @@ def galore_target_weights(encoder: nn.Module, config: GaloreConfig) -> dict[str,
     }
 
 
-def galore_parameter_groups(model: nn.Module, config: GaloreConfig, encoder_name: str = "backbone.image_encoder",
-                            weight_decay: float = 0.0) -> list[dict]:
-    """Optimiser groups for ``GaLoreAdamW``; freezes the non-target encoder parameters.
+def galore_rank_groups(weights: list[nn.Parameter], config: GaloreConfig, weight_decay: float = 0.0) -> list[dict]:
+    """GaLoreAdamW rank groups for 2-D ``weights``, one group per distinct rank.
 
-    Returns one plain group (everything trainable outside the encoder) followed by one rank
-    group per distinct rank: a weight whose smaller side is <= r gets rank min(m, n) - 1, so
-    that no "projection" is as large as the weight itself.
+    A weight whose smaller side is <= r gets rank min(m, n) - 1, so that no "projection" is as
+    large as the weight itself.
     """
-    encoder = model.get_submodule(encoder_name)
-    targets = galore_target_weights(encoder, config)
-    if not targets:
-        raise ValueError(f"no {config.target_modules} linear layers under {encoder_name!r}")
-    target_ids = {id(p) for p in targets.values()}
-    for p in encoder.parameters():
-        p.requires_grad_(id(p) in target_ids)
-    encoder_ids = {id(p) for p in encoder.parameters()}
-    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
     by_rank: dict[int, list[nn.Parameter]] = {}
-    for p in targets.values():
+    for p in weights:
+        if p.ndim != 2:
+            raise ValueError(f"GaLore projects 2-D weights only, got a parameter of shape {tuple(p.shape)}")
         by_rank.setdefault(min(config.rank, min(p.shape) - 1), []).append(p)
-    groups = [{"params": plain, "weight_decay": weight_decay}]
+    groups = []
     for rank, params in sorted(by_rank.items()):
         group = {"params": params, "rank": rank, "update_proj_gap": config.update_proj_gap,
                  "scale": config.scale, "proj_type": config.proj_type, "weight_decay": weight_decay}
@@ -129,9 +120,27 @@ def _galore_adamw_class() -> type[torch.optim.Optimizer]:
     return ProjectingAdamW
 
 
+def galore_adamw(param_groups: list[dict], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """``GaLoreAdamW`` over ``param_groups`` (rank groups project; the others are plain AdamW groups).
+
+    galore-torch is imported here only (about 10 s).
+    """
+    allow_galore_state_in_checkpoints()
+    return _galore_adamw_class()(param_groups, lr=lr, weight_decay=weight_decay, no_deprecation_warning=True)
+
+
 def build_galore_optimizer(model: nn.Module, config: GaloreConfig = GaloreConfig(), lr: float = 1e-4,
                            weight_decay: float = 0.0, encoder_name: str = "backbone.image_encoder") -> torch.optim.Optimizer:
-    """``GaLoreAdamW`` over :func:`galore_parameter_groups` (galore-torch imported only here: ~10 s)."""
-    allow_galore_state_in_checkpoints()
-    groups = galore_parameter_groups(model, config, encoder_name=encoder_name, weight_decay=weight_decay)
-    return _galore_adamw_class()(groups, lr=lr, weight_decay=weight_decay, no_deprecation_warning=True)
+    """``GaLoreAdamW`` over every trainable parameter of ``model``: the trainable target weights
+    under ``encoder_name`` in rank groups, everything else trainable in one plain group.
+
+    Which parameters train is the method's business (``methods.METHODS["medsaga"]`` freezes the
+    rest of the encoder); this only groups them.
+    """
+    targets = [p for p in galore_target_weights(model.get_submodule(encoder_name), config).values() if p.requires_grad]
+    if not targets:
+        raise ValueError(f"no trainable {config.target_modules} linear layers under {encoder_name!r}")
+    target_ids = {id(p) for p in targets}
+    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in target_ids]
+    groups = [{"params": plain, "weight_decay": weight_decay}, *galore_rank_groups(targets, config, weight_decay)]
+    return galore_adamw(groups, lr=lr, weight_decay=weight_decay)
