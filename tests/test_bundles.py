@@ -112,9 +112,9 @@ def test_inference_writes_label_maps_with_the_input_geometry(trained, demo_dir):
 MEMORY_MODE_ON = "memory-efficient training: activation_checkpointing, layerwise_steps, bf16_autocast, frozen_without_grad"
 
 
-def test_memory_efficient_mode_is_medsagas_default_and_a_switch_elsewhere(trained, tmp_path, demo_dir):
+def test_memory_efficient_mode_is_every_bundles_default_and_a_switch(trained, tmp_path, demo_dir):
     bundle, _, log = trained
-    default_on = bundle == "medsaga"
+    default_on = True
     assert (MEMORY_MODE_ON in log) == default_on
     assert ("memory-efficient training: off (plain mode)" in log) == (not default_on)
     # The switch flips it for the same bundle.
