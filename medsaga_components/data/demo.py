@@ -11,6 +11,12 @@ nilearn's wheel ships the template T1 and its tissue probability maps on one 197
   neighbours.
 
 Only nilearn's data files are read (its package is located, never imported).
+
+A second demo task, ``small_structures`` (four small AAL regions on the Colin27 T1, from
+Debian's ``mricron-data`` package), is described in ``demo_small_structures.py``. The task is
+chosen by name (``write_demo_dataset(out, task=...)``, ``medsaga demo-data --task ...``); a
+bundle's ``dataset_dir`` named like a task's default folder (``DEMO_FOLDERS``:
+``aal_small_structures``) receives that task on first use, any other folder the MNI152 demo.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
 
+from medsaga_components.data import demo_small_structures
 from medsaga_components.data.decathlon import DatasetError, validate_dataset
 from medsaga_components.data.slicing import crop_slab
 
@@ -54,6 +62,14 @@ DEMO_SLABS = {
 }
 SPLIT_FOLDERS = {"training": "Tr", "validation": "Va", "test": "Ts"}
 NIFTI_XFORM_MNI_152 = 4  # NIfTI xform code: coordinates are MNI 152 space
+
+MNI152 = "mni152"
+SMALL_STRUCTURES = "small_structures"
+DEMO_TASKS = (MNI152, SMALL_STRUCTURES)
+DEMO_VERSIONS = {MNI152: DEMO_VERSION, SMALL_STRUCTURES: demo_small_structures.VERSION}
+# Folder names: where ``medsaga demo-data`` writes a task without --out, and (for tasks other
+# than the MNI152 default) the dataset_dir name that makes ``ensure_demo_dataset`` prepare it.
+DEMO_FOLDERS = {MNI152: "medsaga_demo", SMALL_STRUCTURES: "aal_small_structures"}
 
 
 def template_dir() -> Path:
@@ -98,20 +114,32 @@ def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return arrays["t1"], tissue_labels(arrays["gm"], arrays["wm"]), np.asarray(t1_image.affine, dtype=np.float64)
 
 
-def _write_into(folder: Path) -> None:
-    t1, labels, affine = _load_template()
+def _write_slabs(folder: Path, image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
+                 slabs: dict[str, list[tuple[int, int]]], prefix: str) -> dict[str, list[dict[str, str]]]:
+    """Write each split's axial slabs of ``image`` and ``labels`` ([X, Y, Z], same grid) as NIfTI pairs.
+
+    Returns the dataset.json split lists. Each slab's affine is shifted so that its voxels keep
+    their world positions.
+    """
     splits: dict[str, list[dict[str, str]]] = {}
-    for split, slabs in DEMO_SLABS.items():
+    for split, ranges in slabs.items():
         suffix = SPLIT_FOLDERS[split]
         entries = []
-        for start, stop in slabs:
-            name = f"mni152_z{start:03d}-{stop:03d}.nii.gz"
-            image, slab_affine = crop_slab(t1, affine, SLAB_AXIS, start, stop)
-            label, _ = crop_slab(labels, affine, SLAB_AXIS, start, stop)
-            _save(np.ascontiguousarray(image), slab_affine, folder / f"images{suffix}" / name)
-            _save(np.ascontiguousarray(label), slab_affine, folder / f"labels{suffix}" / name)
+        for start, stop in ranges:
+            name = f"{prefix}_z{start:03d}-{stop:03d}.nii.gz"
+            image_slab, slab_affine = crop_slab(image, affine, SLAB_AXIS, start, stop)
+            label_slab, _ = crop_slab(labels, affine, SLAB_AXIS, start, stop)
+            _save(np.ascontiguousarray(image_slab), slab_affine, folder / f"images{suffix}" / name)
+            _save(np.ascontiguousarray(label_slab), slab_affine, folder / f"labels{suffix}" / name)
             entries.append({"image": f"images{suffix}/{name}", "label": f"labels{suffix}/{name}"})
         splits[split] = entries
+    return splits
+
+
+def _write_into(folder: Path) -> None:
+    """Write the MNI152 demo's files and dataset.json into ``folder``."""
+    t1, labels, affine = _load_template()
+    splits = _write_slabs(folder, t1, labels, affine, DEMO_SLABS, "mni152")
     description = {
         "name": "MNI152-2009a-tissue-demo",
         "description": "Axial slabs of the MNI ICBM152 2009a nonlinear symmetric T1 template with grey/white "
@@ -131,10 +159,43 @@ def _write_into(folder: Path) -> None:
     (folder / "dataset.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
 
 
-def is_complete_demo(out: str | Path) -> bool:
-    """True if ``out`` holds a demo dataset of this version whose files all validate."""
+def _write_small_structures_into(folder: Path) -> None:
+    """Write the small-structure demo's files and dataset.json into ``folder`` (see demo_small_structures)."""
+    task = demo_small_structures
+    t1, labels, affine = task.load_colin27_small_structures()
+    splits = _write_slabs(folder, t1, labels, affine, task.SLABS, task.FILE_PREFIX)
+    description = {
+        **task.dataset_description(),
+        "numTraining": len(splits["training"]),
+        "numTest": len(splits["test"]),
+        **splits,
+        "medsaga_demo": {"task": SMALL_STRUCTURES, "version": task.VERSION, **task.demo_marker(labels)},
+    }
+    (folder / "dataset.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+
+
+def _writer(task: str) -> Callable[[Path], None]:
+    """The function writing ``task`` into a folder (looked up when called, so tests can replace it)."""
+    return {MNI152: _write_into, SMALL_STRUCTURES: _write_small_structures_into}[_check_task(task)]
+
+
+def _check_task(task: str) -> str:
+    if task not in DEMO_TASKS:
+        raise ValueError(f"unknown demo task {task!r}; expected one of {list(DEMO_TASKS)}")
+    return task
+
+
+def demo_task_for_folder(dataset_dir: str | Path) -> str:
+    """The demo task a bundle's ``dataset_dir`` receives on first use: the task whose default folder
+    name it has (``.../data/aal_small_structures`` -> ``small_structures``), else ``mni152``."""
+    name = Path(dataset_dir).name
+    return next((task for task in DEMO_TASKS if task != MNI152 and DEMO_FOLDERS[task] == name), MNI152)
+
+
+def is_complete_demo(out: str | Path, task: str = MNI152) -> bool:
+    """True if ``out`` holds the current version of demo ``task`` and its files all validate."""
     json_path = Path(out) / "dataset.json"
-    if _demo_version(json_path) != DEMO_VERSION:
+    if _demo_marker(json_path) != (_check_task(task), DEMO_VERSIONS[task]):
         return False
     try:
         validate_dataset(json_path)
@@ -143,26 +204,33 @@ def is_complete_demo(out: str | Path) -> bool:
     return True
 
 
-def write_demo_dataset(out: str = "medsaga_demo", overwrite: bool = False) -> str:
-    """Write the demo dataset into folder ``out`` (``medsaga demo-data --out DIR``); returns its dataset.json.
+def write_demo_dataset(out: str | None = None, overwrite: bool = False, task: str = MNI152) -> str:
+    """Write demo ``task`` into folder ``out``; returns its dataset.json.
 
-    Idempotent: an existing complete demo in ``out`` is kept as is. Files are written into a
-    temporary folder beside ``out`` that is renamed into place, so an interrupted run leaves
-    nothing half-written. A non-empty ``out`` that is not the demo is refused unless
+    ``medsaga demo-data --out DIR`` (the MNI152 demo) or ``medsaga demo-data --task
+    small_structures --out DIR``. Tasks: ``mni152`` (grey/white matter, from nilearn's wheel) and
+    ``small_structures`` (amygdala, pallidum, insula, parahippocampal gyrus, from Debian's
+    ``mricron-data``: ``apt-get install mricron-data``). Without ``out``, the task's
+    ``DEMO_FOLDERS`` name in the current folder.
+
+    Idempotent: an existing complete demo of ``task`` in ``out`` is kept as is. Files are written
+    into a temporary folder beside ``out`` that is renamed into place, so an interrupted run
+    leaves nothing half-written. A non-empty ``out`` that is not this demo is refused unless
     ``overwrite=True``.
     """
-    out_dir = Path(out).resolve()
-    if is_complete_demo(out_dir) and not overwrite:
+    writer = _writer(task)
+    out_dir = Path(DEMO_FOLDERS[task] if out is None else out).resolve()
+    if is_complete_demo(out_dir, task) and not overwrite:
         return str(out_dir / "dataset.json")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; choose another --out for the demo dataset")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty and holds no complete medsaga demo dataset; "
+        raise FileExistsError(f"{out_dir} is not empty and holds no complete medsaga {task} demo dataset; "
                               "choose an empty or new folder, or pass --overwrite True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        _write_into(staging)
+        writer(staging)
         if out_dir.exists():
             # Move the old folder aside first so that the rename below is a single step.
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -172,7 +240,7 @@ def write_demo_dataset(out: str = "medsaga_demo", overwrite: bool = False) -> st
             os.replace(staging, out_dir)
         except OSError:
             # Another process finished first: use its demo if it is complete.
-            if not is_complete_demo(out_dir):
+            if not is_complete_demo(out_dir, task):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,26 +248,36 @@ def write_demo_dataset(out: str = "medsaga_demo", overwrite: bool = False) -> st
 
 
 def ensure_demo_dataset(dataset_dir: str | Path) -> str:
-    """For bundles: the dataset.json in ``dataset_dir``, writing the demo there on first use.
+    """For bundles: the dataset.json in ``dataset_dir``, writing a demo there on first use.
 
-    A user dataset already in ``dataset_dir`` (any dataset.json) is returned untouched. A demo
-    written by an older version of this code (another split) is rewritten, so that a bundle's
-    results always refer to the split its docs describe.
+    The demo written is the one whose default folder name ``dataset_dir`` has
+    (``demo_task_for_folder``: ``.../aal_small_structures`` gets the small-structure task),
+    otherwise the MNI152 demo. A user dataset already in ``dataset_dir`` (any dataset.json) is
+    returned untouched. A demo written by an older version of this code (another split) is
+    rewritten as the same task, so that a bundle's results always refer to the split its docs
+    describe.
     """
     json_path = Path(dataset_dir) / "dataset.json"
     if not json_path.is_file():
-        return write_demo_dataset(str(dataset_dir))
-    version = _demo_version(json_path)
-    if version not in (None, DEMO_VERSION):
-        logger.warning("%s holds demo version %s; rewriting it as version %s", json_path, version, DEMO_VERSION)
-        return write_demo_dataset(str(dataset_dir), overwrite=True)
+        return write_demo_dataset(str(dataset_dir), task=demo_task_for_folder(dataset_dir))
+    marker = _demo_marker(json_path)
+    if marker is not None and marker[0] in DEMO_TASKS and marker[1] != DEMO_VERSIONS[marker[0]]:
+        task, version = marker
+        logger.warning("%s holds %s demo version %s; rewriting it as version %s", json_path, task, version,
+                       DEMO_VERSIONS[task])
+        return write_demo_dataset(str(dataset_dir), overwrite=True, task=task)
     return str(json_path.resolve())
 
 
-def _demo_version(json_path: Path) -> int | None:
-    """The demo version recorded in ``json_path``; None for any other dataset.json."""
+def _demo_marker(json_path: Path) -> tuple[str, int] | None:
+    """(task, version) of the demo recorded in ``json_path``; None for any other dataset.json.
+
+    The MNI152 demo's marker names no task (it predates the others).
+    """
     try:
         marker = json.loads(json_path.read_text(encoding="utf-8")).get("medsaga_demo")
     except (OSError, ValueError, AttributeError):
         return None
-    return marker.get("version") if isinstance(marker, dict) else None
+    if not isinstance(marker, dict) or marker.get("version") is None:
+        return None
+    return marker.get("task", MNI152), marker["version"]
