@@ -21,6 +21,7 @@ from medsaga_components.evaluation import (
     evaluate_segmentation,
     evaluate_slice_dataset,
     evaluate_volume,
+    markdown_table,
     restack_volume,
     save_nifti,
     save_overlays,
@@ -88,6 +89,19 @@ def test_empty_cases_are_reported_not_nan(tmp_path):
     assert "| a | box | 0.0000 | n/a (empty_prediction) | empty_prediction |" in markdown
     assert "| b | box | 1.0000 | 0.0000 | ok |" in markdown
     assert json.loads(open(paths["json"]).read())["per_class"][1]["mean_hd95_mm"] is None
+
+
+def test_classes_absent_from_the_ground_truth_do_not_inflate_the_present_mean():
+    truth = _box()  # the ball is in no volume's ground truth
+    result = evaluate_volume(np.zeros_like(truth), truth, NAMES, spacing=SPACING)
+    assert result["mean_dice"] == 0.5  # the absent, unpredicted ball counts as 1.0
+    assert result["mean_dice_present"] == 0.0  # only the missed box is present
+    summary = evaluate_segmentation([np.zeros_like(truth), truth.copy()], [truth, truth], NAMES, names=["a", "b"])
+    box, ball = summary["per_class"]
+    assert (box["mean_dice_present"], box["volumes_present"]) == (0.5, 2)
+    assert (ball["mean_dice_present"], ball["volumes_present"]) == (None, 0)
+    assert summary["mean_dice"] == 0.75 and summary["mean_dice_present"] == 0.5
+    assert "| **mean** | **classes present in the ground truth** | **0.5000** |" in markdown_table(summary)
 
 
 def test_voxel_spacing_comes_from_the_affine_columns():

@@ -110,6 +110,7 @@ def evaluate_volume(
         "spacing_mm": list(spacing),
         "classes": classes,
         "mean_dice": _mean([c["dice"] for c in classes]),
+        "mean_dice_present": _mean([c["dice"] for c in classes if c["reference_voxels"]]),
         "mean_hd95_mm": _mean([c["hd95_mm"] for c in classes if c["hd95_mm"] is not None]),
         "hd95_undefined": [c["name"] for c in classes if c["hd95_mm"] is None],
     }
@@ -121,10 +122,13 @@ def summarize(volume_results: Sequence[dict], class_names: Sequence[str]) -> dic
     for index in range(1, len(class_names)):
         scores = [c for v in volume_results for c in v["classes"] if c["class_index"] == index]
         hd95s = [c["hd95_mm"] for c in scores if c["hd95_mm"] is not None]
+        present = [c["dice"] for c in scores if c["reference_voxels"]]
         per_class.append({
             "class_index": index,
             "name": class_names[index],
             "mean_dice": _mean([c["dice"] for c in scores]),
+            "mean_dice_present": _mean(present),
+            "volumes_present": len(present),
             "mean_hd95_mm": _mean(hd95s),
             "volumes": len(scores),
             "volumes_with_hd95": len(hd95s),
@@ -136,10 +140,14 @@ def summarize(volume_results: Sequence[dict], class_names: Sequence[str]) -> dic
         "volumes": list(volume_results),
         "per_class": per_class,
         "mean_dice": _mean([c["mean_dice"] for c in per_class if c["mean_dice"] is not None]),
+        # Over the volumes where each class is in the ground truth: a class absent from a volume
+        # and not predicted there scores 1.0 in mean_dice, which small structures make common.
+        "mean_dice_present": _mean([c["mean_dice_present"] for c in per_class if c["mean_dice_present"] is not None]),
         "mean_hd95_mm": _mean([c["mean_hd95_mm"] for c in per_class if c["mean_hd95_mm"] is not None]),
         "status_counts": dict(statuses),
         "conventions": "Dice 1.0 when prediction and ground truth are both empty, 0.0 when only one is; "
-                       "HD95 (mm) undefined (null) in those cases and left out of HD95 means.",
+                       "HD95 (mm) undefined (null) in those cases and left out of HD95 means. "
+                       "mean_dice_present averages each class over the volumes whose ground truth holds it.",
     }
 
 

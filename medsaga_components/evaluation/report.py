@@ -35,6 +35,8 @@ def markdown_table(summary: dict) -> str:
                      f"{_number(c['mean_hd95_mm'], 'no volume with HD95')} | {note} |")
     lines.append(f"| **mean** | **all classes** | **{_number(summary['mean_dice'])}** | "
                  f"**{_number(summary['mean_hd95_mm'], 'no volume with HD95')}** | |")
+    lines.append(f"| **mean** | **classes present in the ground truth** | "
+                 f"**{_number(summary['mean_dice_present'], 'no class present')}** | | |")
     return "\n".join(lines) + "\n\n" + summary.get("conventions", "") + "\n"
 
 
