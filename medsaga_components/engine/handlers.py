@@ -70,10 +70,11 @@ class EvaluateOnTestVolumes:
 def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir: str | Path,
                           device: str | torch.device = "cpu", batch_size: int = 4,
                           test_time_flips: bool = False) -> dict:
-    """Predict every slice with ``network`` in eval mode (argmax of its class logits) and
-    evaluate per volume.
+    """Predict every slice with ``network`` in eval mode and evaluate per volume: its class
+    logits [B, N + 1, S, S] are resized to each slice's grid, then argmax (the same
+    ``square_logits_to_labels`` as ``run inference``).
 
-    ``test_time_flips``: argmax of the logits averaged over the four in-plane flips (``FlipAveraged``).
+    ``test_time_flips``: the logits averaged over the four in-plane flips (``FlipAveraged``).
     """
     device = torch.device(device)
     # eval(): batch norms (TinyViT's conv stage) must use their running statistics, not the
@@ -82,6 +83,6 @@ def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir:
 
     @torch.no_grad()
     def predict(images: torch.Tensor) -> torch.Tensor:
-        return network(images.to(device)).argmax(dim=1).cpu()
+        return network(images.to(device)).float().cpu()  # [B, N + 1, S, S] logits
 
     return evaluate_slice_dataset(dataset, predict, output_dir, batch_size=batch_size)

@@ -6,21 +6,21 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
-from ..data.square_resize import square_geometry
+from ..data.square_resize import fit_to_square, square_logits_to_slice
 from .flips import with_test_time_flips
 
 
 class SquareSliceInferer(Inferer):
     """``[B, C, X, Y, Z]`` volume -> ``[B, N + 1, X, Y, Z]`` logits, slicing along ``axis``.
 
-    Each slice is resized with its aspect ratio kept to fit ``image_size`` and padded, the
-    network's logits are cropped back and resized to the slice's own grid (bilinear, on
-    logits, so argmax afterwards gives smooth boundaries).
+    Slices go through the same functions as the test evaluation (``data.square_resize``):
+    ``fit_to_square`` prepares them exactly as ``SliceDataset`` does for training, and
+    ``square_logits_to_slice`` crops the network's logits and resizes them (bilinear) to the
+    slice's own grid; the argmax comes after (the bundle's postprocessing).
 
     Args:
         image_size: S, the network's input side.
@@ -49,15 +49,10 @@ class SquareSliceInferer(Inferer):
         volume = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         moved = volume.movedim(dim, 1)  # [B, D, C, H, W]
         b, depth, c, h, w = moved.shape
-        geometry = square_geometry(h, w, self.image_size)
-        slices = moved.reshape(b * depth, c, h, w).float()
+        slices = moved.reshape(b * depth, c, h, w)
         outputs = []
         for start in range(0, slices.shape[0], self.batch_size):
-            chunk = F.interpolate(slices[start:start + self.batch_size],
-                                  size=(geometry.resized_height, geometry.resized_width), mode="bilinear",
-                                  align_corners=False)
-            chunk = F.pad(chunk, (0, self.image_size - chunk.shape[-1], 0, self.image_size - chunk.shape[-2]))
-            logits = network(chunk, *args, **kwargs)[..., :geometry.resized_height, :geometry.resized_width]
-            outputs.append(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False))
+            squares, geometry = fit_to_square(slices[start:start + self.batch_size], self.image_size)
+            outputs.append(square_logits_to_slice(network(squares, *args, **kwargs), geometry))
         logits = torch.cat(outputs).reshape(b, depth, -1, h, w).movedim(1, dim)  # [B, N+1, X, Y, Z]
         return convert_to_dst_type(logits, inputs)[0] if isinstance(inputs, MetaTensor) else logits

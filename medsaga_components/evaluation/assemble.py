@@ -1,10 +1,12 @@
 """Collect per-slice predictions from batches and regroup them into volumes (slabs).
 
 A ``SliceDataset`` over validation/test ranges yields slices of several volumes in any
-batch order; ``VolumeAssembler.add_batch`` files each predicted slice under its volume, and
-``volumes()`` restacks them on the original grid. A range that covers only part of a volume
-(the ``slices`` hold-out) becomes a slab ``[start, stop)`` along the axis, with its affine
-shifted accordingly.
+batch order; ``VolumeAssembler.add_batch`` brings each predicted slice back onto its own grid
+and files it under its volume, and ``volumes()`` stacks them. Class logits come back through
+``square_logits_to_labels`` (bilinear, then argmax: what ``run inference`` does too); class
+maps from predictors without logits (box-prompted baselines) through nearest-exact sampling.
+A range that covers only part of a volume (the ``slices`` hold-out) becomes a slab
+``[start, stop)`` along the axis, with its affine shifted accordingly.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medsaga_components.evaluation.restack import restack_volume
+from medsaga_components.data.slicing import slices_to_volume
+from medsaga_components.data.square_resize import SquareGeometry, square_logits_to_labels, undo_resize_pad_labels
 
 
 @dataclass(frozen=True)
@@ -27,17 +30,35 @@ class AssembledVolume:
     prediction: np.ndarray  # int64 class indices, the volume's shape except (stop - start) along axis
 
 
+def slice_classes_on_grid(prediction: torch.Tensor | np.ndarray, geometry: SquareGeometry) -> np.ndarray:
+    """One slice's prediction in the ``S x S`` square -> int64 class indices [H, W] on its own grid.
+
+    ``prediction``: class logits, float [K, S, S] (bilinear to the grid, then argmax), or class
+    indices, integer [S, S] or [1, S, S] (nearest-exact).
+    """
+    prediction = torch.as_tensor(prediction)
+    if prediction.is_floating_point():
+        if prediction.ndim != 3 or prediction.shape[0] < 2:
+            raise ValueError("a floating-point prediction must be class logits [K, S, S] with K >= 2, got shape "
+                             f"{tuple(prediction.shape)}; return class indices as an integer tensor")
+        return square_logits_to_labels(prediction[None], geometry)[0].numpy()
+    if prediction.ndim == 3 and prediction.shape[0] == 1:
+        prediction = prediction[0]
+    if prediction.ndim != 2:
+        raise ValueError(f"class indices must be [S, S] or [1, S, S], got shape {tuple(prediction.shape)}")
+    return undo_resize_pad_labels(prediction.long().numpy(), geometry)
+
+
 class VolumeAssembler:
     def __init__(self) -> None:
-        # volume -> {slice index -> [S, S] class map}, plus per-volume metadata
+        # volume -> {slice index -> [H, W] class map on the slice's own grid}, plus per-volume metadata
         self._slices: dict[str, dict[int, np.ndarray]] = {}
         self._meta: dict[str, dict] = {}
 
     def add_batch(self, predictions: torch.Tensor | np.ndarray, batch: dict) -> None:
-        """predictions: [B, S, S] or [B, 1, S, S] class indices; batch: the collated samples' metadata."""
-        predictions = predictions.detach().cpu().numpy() if isinstance(predictions, torch.Tensor) else np.asarray(predictions)
-        if predictions.ndim == 4 and predictions.shape[1] == 1:
-            predictions = predictions[:, 0]
+        """predictions: class logits, float [B, K, S, S], or class indices, integer [B, S, S] or
+        [B, 1, S, S] (see ``slice_classes_on_grid``); batch: the collated samples' metadata."""
+        predictions = torch.as_tensor(predictions).detach().cpu()
         for b in range(predictions.shape[0]):
             volume = batch["volume"][b]
             geometry = [int(v) for v in batch["geometry"][b]]
@@ -49,7 +70,8 @@ class VolumeAssembler:
             })
             if meta["geometry"] != geometry or meta["axis"] != int(batch["axis"][b]):
                 raise ValueError(f"{volume}: slices disagree on axis/geometry ({meta['geometry']} vs {geometry})")
-            self._slices.setdefault(volume, {})[int(batch["slice_index"][b])] = predictions[b]
+            on_grid = slice_classes_on_grid(predictions[b], SquareGeometry.from_values(geometry))
+            self._slices.setdefault(volume, {})[int(batch["slice_index"][b])] = on_grid
 
     def volumes(self) -> list[AssembledVolume]:
         out = []
@@ -63,7 +85,7 @@ class VolumeAssembler:
                                  "predicted; a volume needs a contiguous range of slices")
             slab_shape = list(meta["volume_shape"])
             slab_shape[meta["axis"]] = stop - start
-            prediction = restack_volume(np.stack([slices[i] for i in indices]), meta["geometry"], meta["axis"])
+            prediction = np.ascontiguousarray(slices_to_volume(np.stack([slices[i] for i in indices]), meta["axis"]))
             if list(prediction.shape) != slab_shape:
                 raise ValueError(f"{volume}: restacked shape {prediction.shape}, expected {slab_shape}")
             out.append(AssembledVolume(volume, meta["image_path"], meta["axis"], start, stop, prediction))

@@ -3,7 +3,7 @@
 Predict every slice, restack per volume (or slab), score against the ground truth on the
 original grid, and write predictions (NIfTI), overlays (PNG) and the report (JSON +
 Markdown). This is the glue an evaluation handler or script calls; the model is just a
-function from images to class maps.
+function from images to class logits (or class maps).
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def evaluate_slice_dataset(
     Args:
         dataset: slices covering contiguous ranges of each evaluated volume, with labels
             (e.g. ``SliceDataset.from_manifest(m, part="test")``).
-        predict: images [B, 1, S, S] float -> class indices [B, S, S] (or [B, 1, S, S]).
+        predict: images [B, 1, S, S] float -> class logits, float [B, N + 1, S, S], resized to
+            each slice's grid (bilinear) before the argmax, as ``run inference`` does; or class
+            indices, integer [B, S, S] or [B, 1, S, S] (nearest-exact), for predictors without
+            logits. See ``VolumeAssembler.add_batch``.
         predict_from_batch: call ``predict(batch)`` with the whole sample dict instead (for
             reference predictors that take prompts from the ground truth, e.g. boxes).
         out_dir: receives ``predictions/<name>.nii.gz``, ``overlays/*.png``, ``evaluation.json/.md``.

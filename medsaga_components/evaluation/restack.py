@@ -1,9 +1,10 @@
 """Slice predictions -> a volume on the original grid -> a NIfTI file.
 
-The inverse of the data path: each predicted [S, S] class map has its bottom/right padding
-cropped and is resized back (nearest-exact) to the original slice size, and the slices are
-stacked along the axis they were cut from. The volume keeps the source affine, so it
-overlays the original image in any viewer.
+The inverse of the data path for class maps: each predicted [S, S] class map has its
+bottom/right padding cropped and is resized back (nearest-exact) to the original slice size,
+and the slices are stacked along the axis they were cut from. The volume keeps the source
+affine, so it overlays the original image in any viewer. (Networks' class logits are brought
+back before the argmax instead, by ``data.square_resize.square_logits_to_labels``.)
 """
 
 from __future__ import annotations
