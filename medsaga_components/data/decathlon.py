@@ -120,7 +120,8 @@ def _parse_labels(raw: Any, path: Path) -> dict[int, str]:
     return dict(sorted(labels.items()))
 
 
-def _parse_modality(raw: Any, path: Path) -> str:
+def parse_modality(raw: Any, path: Path) -> str:
+    """dataset.json's ``modality`` (``"MRI"`` or ``{"0": "MRI"}``) -> the one modality it names."""
     if isinstance(raw, str) and raw.strip():
         return raw.strip()
     if isinstance(raw, dict) and len(raw) == 1:
@@ -188,7 +189,7 @@ def load_decathlon(path: str | Path) -> DecathlonDataset:
     return DecathlonDataset(
         path=json_path,
         name=str(raw.get("name", json_path.parent.name)),
-        modality=_parse_modality(raw["modality"], json_path),
+        modality=parse_modality(raw["modality"], json_path),
         labels=_parse_labels(raw["labels"], json_path),
         splits=splits,
     )

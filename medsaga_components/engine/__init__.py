@@ -18,7 +18,7 @@ from .schedules import warmup_poly_scheduler
 from .slice_inferer import SquareSliceInferer
 from .training_setup import prepare_training
 from .transforms import ScaleIntensityForModalityd
-from .volumes import list_volumes
+from .volumes import dataset_modality, list_volumes
 
 
 def find_bundle_root(name: str) -> str:
@@ -53,4 +53,4 @@ def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
 __all__ = ["FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
            "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer",
            "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "check_model_file", "prepare_training",
-           "list_volumes", "FlipAveraged", "with_test_time_flips", "keep_freed_cpu_memory"]
+           "list_volumes", "dataset_modality", "FlipAveraged", "with_test_time_flips", "keep_freed_cpu_memory"]

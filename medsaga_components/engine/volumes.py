@@ -1,9 +1,11 @@
-"""Which volumes an inference run segments."""
+"""Which volumes an inference run segments, and how their intensities are scaled."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ..data.decathlon import parse_modality
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 
@@ -31,3 +33,13 @@ def list_volumes(dataset_dir: str | Path) -> list[dict[str, str]]:
         raise FileNotFoundError(f"no volumes to segment in {folder}: expected *.nii.gz files or a dataset.json "
                                 "with a 'test' list")
     return [{"image": str(p)} for p in images]
+
+
+def dataset_modality(dataset_dir: str | Path, default: str = "MRI") -> str:
+    """The modality whose intensity scaling inference applies (``data.intensity``): the one
+    the folder's ``dataset.json`` declares, as training read it, else ``default``."""
+    description = Path(dataset_dir) / "dataset.json"
+    if not description.is_file():
+        return default
+    raw = json.loads(description.read_text())
+    return parse_modality(raw["modality"], description) if "modality" in raw else default
