@@ -24,21 +24,33 @@ def test_samed_trains_lora_prompt_encoder_and_decoder_only():
     assert all(p.requires_grad for p in net.backbone.mask_decoder.parameters())
 
 
-def test_ssam_trains_singular_values_norms_pos_embed_and_class_prompts_only():
-    net = build_network("ssam", "vit_tiny", num_classes=2, checkpoint=None, image_size=64,
+# S-SAM's paper setting: the mask decoder frozen (its code's decoder_training 'none').
+SSAM_PAPER = {"trained_in_full": ("prompt",)}
+
+
+def test_ssam_paper_setting_trains_singular_values_norms_pos_embed_and_class_prompts_only():
+    net = build_network(get_method("ssam", **SSAM_PAPER), "vit_tiny", num_classes=2, checkpoint=None, image_size=64,
                         class_names=["grey matter", "white matter"])
     names = _trainable(net)
     svd = [n for n in names if n.endswith((".scale", ".shift"))]
     # 2 blocks x (qkv, proj, lin1, lin2) + the two neck convolutions, each with a and b.
     assert len(svd) == 2 * (2 * 4 + 2)
     assert "backbone.image_encoder.pos_embed" in names
-    assert {"prompt.class_embeddings", "prompt.projection.weight", "prompt.projection.bias"} <= set(names)
+    assert {"prompt.class_embeddings", "prompt.projection.weight", "prompt.projection.bias",
+            "prompt.class_logit_bias"} <= set(names)
     others = [n for n in names if n not in svd and n != "backbone.image_encoder.pos_embed"
               and not n.startswith("prompt.")]
     norm_types = ("LayerNorm", "LayerNorm2d", "BatchNorm2d")
     owners = {type(net.get_submodule(n.rsplit(".", 1)[0])).__name__ for n in others}
     assert others and owners <= set(norm_types), owners
     assert not any("transformer.layers.0.mlp" in n or n.endswith("qkv.weight") for n in names)
+
+
+def test_ssam_default_also_trains_the_mask_decoder():
+    net = build_network("ssam", "vit_tiny", num_classes=2, checkpoint=None, image_size=64)
+    assert all(p.requires_grad for p in net.backbone.mask_decoder.parameters())
+    frozen_encoder = {n for n, p in net.backbone.image_encoder.named_parameters() if not p.requires_grad}
+    assert "blocks.0.attn.qkv.bias" in frozen_encoder and "blocks.0.attn.qkv.U" not in frozen_encoder  # U is a buffer
 
 
 @pytest.mark.parametrize("method,prompt", [("samed", "none"), ("ssam", "class_tokens")])
@@ -70,8 +82,9 @@ def test_every_method_takes_a_training_step(method):
 
 
 def test_ssam_trainable_fraction_at_256_px_is_below_one_percent():
-    """S-SAM's "0.4 % of SAM" holds at 256 px: the position embedding grows with the image."""
-    net = build_network("ssam", "vit_b", num_classes=2, checkpoint=None, image_size=256, decompose=False)
+    """S-SAM's "0.4 % of SAM" (paper setting) holds at 256 px: the position embedding grows with the image."""
+    net = build_network(get_method("ssam", **SSAM_PAPER), "vit_b", num_classes=2, checkpoint=None, image_size=256,
+                        decompose=False)
     # Against plain SAM: in the adapted network the frozen weights live in SVD buffers.
     sam = SamSegmenter("vit_b", num_classes=2, checkpoint=None, image_size=256, prompt="class_tokens")
     fraction = count_parameters(net) / count_parameters(sam, trainable_only=False)
