@@ -88,7 +88,15 @@ class PointPrompt(PromptKind):
         return PromptEmbeddings(sparse.view(b, q, *sparse.shape[1:]), dense.expand(b * q, -1, -1, -1).reshape(b, q, *dense.shape[1:]))
 
 
-def name_keyed_embeddings(names: Sequence[str], dim: int, std: float = 0.02) -> torch.Tensor:
+# Start scale of learned class embeddings. Through the default-initialised projection a unit
+# normal embedding becomes a token of norm about 9, the norm of SAM's own point tokens (about 11).
+# At 0.02 (norm 0.6) every class query looked alike to the pretrained decoder: the two demo
+# classes' start logits correlated 0.999 (0.63 at 1.0), and training spent its steps telling
+# them apart.
+CLASS_EMBEDDING_STD = 1.0
+
+
+def name_keyed_embeddings(names: Sequence[str], dim: int, std: float = CLASS_EMBEDDING_STD) -> torch.Tensor:
     """``[N, dim]`` starting embeddings keyed by class name: the same name always gets the same
     vector (a generator seeded by the name's sha256), whatever its position in dataset.json."""
     rows = []
@@ -119,7 +127,7 @@ class ClassTokenPrompt(PromptKind):
     def __init__(self, num_classes: int, embed_dim: int, class_embeddings: torch.Tensor | None = None) -> None:
         super().__init__(num_classes, embed_dim)
         if class_embeddings is None:
-            class_embeddings = torch.randn(num_classes, embed_dim) * 0.02
+            class_embeddings = torch.randn(num_classes, embed_dim) * CLASS_EMBEDDING_STD
         if class_embeddings.shape[0] != num_classes:
             raise ValueError(f"class_embeddings has {class_embeddings.shape[0]} rows, expected one per class ({num_classes})")
         self.class_embeddings = nn.Parameter(class_embeddings.clone().float())
