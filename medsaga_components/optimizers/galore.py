@@ -5,7 +5,7 @@ the Adam moments of the encoder's attention and MLP weights live in a rank-r sub
 their gradients, refreshed every ``update_proj_gap`` steps. Every other trainable parameter
 is stepped by plain AdamW in GaLoreAdamW's other groups. The public MedSAGa code built rank
 groups but never passed them to ``GaLoreAdamW``, so it ran as plain AdamW; here the groups
-are what the optimiser receives, and ``tests/test_adapters_galore.py`` checks that the
+are what the optimiser receives, and ``tests/test_optimizers_galore.py`` checks that the
 optimiser state really has rank r.
 """
 
