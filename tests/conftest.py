@@ -17,3 +17,12 @@ def mni_files():
     assert spec is not None, "nilearn's data files are installed by scripts/setup_env.sh"
     root = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     return {k: root / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and shared CI machines oversubscribe a second one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,17 +30,13 @@ def _method(name, **overrides):
     if name == "medsaga":
         overrides.update(rank=GALORE.rank, update_proj_gap=GALORE.update_proj_gap)
     return get_method(name, **overrides)
+
+
 ONLY = {name: MemoryConfig(**{k: k == name for k in MemoryConfig().as_dict()})
         for name in ("activation_checkpointing", "layerwise_steps")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and shared CI machines oversubscribe a second one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(seed=1):
