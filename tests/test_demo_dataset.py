@@ -10,6 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from demo_checks import assert_slabs_are_template_crops
+
 from medsaga_components.data import ensure_demo_dataset, load_decathlon, validate_dataset, write_demo_dataset
 from medsaga_components.data import demo
 
@@ -64,15 +66,7 @@ def test_slab_affines_and_voxels_match_the_template(demo_json, template):
     t1, template_affine = template
     dataset = load_decathlon(demo_json)
     for split, slabs in demo.DEMO_SLABS.items():
-        for entry, (start, stop) in zip(dataset.entries(split), slabs):
-            image, label = nib.load(str(entry.image_path)), nib.load(str(entry.label_path))
-            assert image.shape == (197, 233, stop - start)
-            assert np.allclose(image.affine, label.affine)
-            assert np.allclose(image.affine[:3, :3], template_affine[:3, :3])
-            # voxel (i, j, k) of the slab is voxel (i, j, k + start) of the template
-            to_template = np.linalg.inv(template_affine) @ image.affine
-            assert np.allclose(to_template @ [10, 20, 3, 1], [10, 20, 3 + start, 1])
-            assert np.array_equal(np.asarray(image.dataobj), t1[:, :, start:stop])
+        assert_slabs_are_template_crops(dataset.entries(split), slabs, t1, template_affine)
 
 
 def test_tissue_labels_follow_threshold_and_larger_probability():

@@ -14,6 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from demo_checks import assert_slabs_are_template_crops
+
 from medsaga_components.data import demo, demo_small_structures, ensure_demo_dataset, load_decathlon, validate_dataset
 from medsaga_components.data import write_demo_dataset
 
@@ -127,16 +129,7 @@ def test_slab_affines_and_voxels_match_colin27_and_aal(small_json, colin27):
     dataset = load_decathlon(small_json)
     for split, slabs in demo_small_structures.SLABS.items():
         assert len(dataset.entries(split)) == len(slabs)
-        for entry, (start, stop) in zip(dataset.entries(split), slabs):
-            image, label = nib.load(str(entry.image_path)), nib.load(str(entry.label_path))
-            assert image.shape == (181, 217, stop - start)
-            assert np.allclose(image.affine, label.affine)
-            assert np.allclose(image.affine[:3, :3], template_affine[:3, :3])
-            # voxel (i, j, k) of the slab is voxel (i, j, k + start) of the template: same world position
-            to_template = np.linalg.inv(template_affine) @ image.affine
-            assert np.allclose(to_template @ [10, 20, 2, 1], [10, 20, 2 + start, 1])
-            assert np.array_equal(np.asarray(image.dataobj), t1[:, :, start:stop])
-            assert np.array_equal(np.asarray(label.dataobj), merged[:, :, start:stop])
+        assert_slabs_are_template_crops(dataset.entries(split), slabs, t1, template_affine, merged)
 
 
 def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch):
