@@ -15,6 +15,11 @@ from .backbones import SamBackbone, build_backbone
 from .prompts import PROMPT_KINDS, PromptKind
 
 
+# Logit of a class whose prompt says it is absent (``prompts["present"]`` False): never predicted,
+# no gradient through its query (engine/label_prompts.py explains the placeholder prompts).
+ABSENT_CLASS_LOGIT = -1.0e4
+
+
 class SamSegmenter(nn.Module):
     """SAM adapted to N classes, returning class logits like any MONAI segmentation network.
 
@@ -72,7 +77,8 @@ class SamSegmenter(nn.Module):
         Args:
             image: ``[B, 1 or 3, H, W]`` floats in ``[0, 1]``.
             prompts: inputs of the prompt kind, in pixels of the ``image_size`` frame
-                (for example ``{"boxes": [B, N, 4]}``).
+                (for example ``{"boxes": [B, N, 4]}``); an optional ``"present"`` ``[B, N]``
+                bool marks classes absent from an image (their logits become ``ABSENT_CLASS_LOGIT``).
         Returns:
             ``[B, N + 1, H, W]`` logits.
         """
@@ -96,6 +102,9 @@ class SamSegmenter(nn.Module):
             if q != self.num_classes:
                 raise ValueError(f"per-class prompts need one query per class ({self.num_classes}), got {q}")
             foreground = self.prompt.class_logits(masks[:, :1].reshape(b, q, *masks.shape[-2:]))
+            if prompts is not None and "present" in prompts:  # a class without a prompt in this image
+                absent = ~prompts["present"].to(device=foreground.device, dtype=torch.bool)
+                foreground = foreground.masked_fill(absent[:, :, None, None], ABSENT_CLASS_LOGIT)
             logits = torch.cat([torch.zeros_like(foreground[:, :1]), foreground], dim=1)
         else:
             logits = masks

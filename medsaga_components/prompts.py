@@ -72,6 +72,17 @@ class BoxPrompt(PromptKind):
         return PromptEmbeddings(sparse.view(b, q, *sparse.shape[1:]), dense.expand(b * q, -1, -1, -1).reshape(b, q, *dense.shape[1:]))
 
 
+def check_points_inside(points: torch.Tensor, labels: torch.Tensor, image_size: tuple[int, int]) -> None:
+    """Refuse clicks (labels other than -1 padding) outside the ``image_size`` (H, W) frame."""
+    height, width = image_size
+    x, y = points[..., 0], points[..., 1]
+    outside = (labels != -1) & ((x < 0) | (y < 0) | (x > width - 1) | (y > height - 1))
+    if bool(outside.any()):
+        where = torch.nonzero(outside)[0].tolist()
+        raise ValueError(f"point {points[tuple(where)].tolist()} (x, y) at prompts['points'][{', '.join(map(str, where))}] "
+                         f"lies outside the {width} x {height} image (x in 0..{width - 1}, y in 0..{height - 1})")
+
+
 class PointPrompt(PromptKind):
     """Points ``prompts["points"]`` ``[B, Q, P, 2]`` (x, y in input pixels) with
     ``prompts["point_labels"]`` ``[B, Q, P]`` (1 inside, 0 outside, -1 padding); one query per class."""
@@ -83,6 +94,7 @@ class PointPrompt(PromptKind):
         prompts = self.check(prompts)
         points, labels = prompts["points"], prompts["point_labels"]
         b, q, p, _ = points.shape
+        check_points_inside(points, labels, prompt_encoder.input_image_size)
         sparse, dense = prompt_encoder(points=(points.reshape(b * q, p, 2).float(), labels.reshape(b * q, p)),
                                        boxes=None, masks=None)
         return PromptEmbeddings(sparse.view(b, q, *sparse.shape[1:]), dense.expand(b * q, -1, -1, -1).reshape(b, q, *dense.shape[1:]))

@@ -1,0 +1,185 @@
+"""Per-class prompts (points, boxes) derived from a label map, and the ``prepare_batch`` that
+feeds them to MONAI's trainer and evaluator.
+
+Prompted methods (cheap_lunch: points; mcp_medsam: boxes) ask one query per foreground
+class. In training the prompts are drawn from the ground truth (random points inside each
+class, jittered boxes); at validation and test the deterministic ground-truth prompts stand
+in for a user's clicks or boxes (a click in the middle of each structure, its tight box).
+
+Coordinates are pixels of the label's own ``[H, W]`` frame, SAM's convention: ``x`` is the
+column, ``y`` the row; boxes are ``(x0, y0, x1, y1)`` with inclusive maxima (as MedSAM
+derives them from a mask).
+
+A class absent from a slice: its query still runs (every batch has the same ``[B, N, ...]``
+shapes), with a placeholder prompt (the whole-image box, or padding points labelled -1), and
+``present[b, n]`` is False. ``SamSegmenter`` then sets that channel's logits to
+``ABSENT_CLASS_LOGIT`` (see ``network.py``), so the class is never predicted there and the
+loss asks nothing of a prompt that does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from scipy.ndimage import distance_transform_edt
+
+PROMPT_FROM_LABEL_KINDS = ("points", "boxes")
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if labels.ndim != 4 or labels.shape[1] != 1:
+        raise ValueError(f"labels must be [B, 1, H, W] class indices, got {tuple(labels.shape)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return labels[:, 0].detach().to("cpu").long()  # [B, H, W]
+
+
+def boxes_from_labels(labels: torch.Tensor, num_classes: int, jitter: float = 0.0,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounding box of each class in each image.
+
+    Args:
+        labels: ``[B, 1, H, W]`` class indices 0..N (0 background).
+        num_classes: N.
+        jitter: each edge moves by a uniform random amount of up to ``jitter`` times the box's
+            side along that axis (MedSAM-style training noise), clamped to the image; 0 for none.
+        generator: the random source for the jitter (None: the global one).
+    Returns:
+        ``boxes`` float ``[B, N, 4]`` (x0, y0, x1, y1), ``present`` bool ``[B, N]``; an absent
+        class gets the whole-image box ``(0, 0, W - 1, H - 1)``.
+    """
+    classes = _check_labels(labels, num_classes)
+    b, h, w = classes.shape
+    boxes = torch.tensor([0.0, 0.0, w - 1.0, h - 1.0]).repeat(b, num_classes, 1)
+    present = torch.zeros(b, num_classes, dtype=torch.bool)
+    for i in range(b):
+        for c in range(num_classes):
+            rows, cols = torch.nonzero(classes[i] == c + 1, as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            present[i, c] = True
+            box = torch.stack([cols.min(), rows.min(), cols.max(), rows.max()]).float()
+            if jitter > 0:
+                side = torch.stack([box[2] - box[0], box[3] - box[1]]).repeat(2) + 1.0  # w, h, w, h
+                box = box + (torch.rand(4, generator=generator) * 2 - 1) * jitter * side
+            boxes[i, c] = box
+    limits = torch.tensor([w - 1.0, h - 1.0, w - 1.0, h - 1.0])
+    boxes = torch.minimum(boxes.clamp(min=0.0), limits)
+    # jitter may cross the edges over: keep x0 <= x1 and y0 <= y1
+    low, high = torch.minimum(boxes[..., :2], boxes[..., 2:]), torch.maximum(boxes[..., :2], boxes[..., 2:])
+    return torch.cat([low, high], dim=-1), present
+
+
+def _deepest_points(mask: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """``count`` (row, col) pixels inside ``mask``: first the one farthest from the mask's
+    border (the middle of the structure, where a user clicks), then each next one farthest
+    from those chosen, weighted by its own depth (spread over the structure, away from edges)."""
+    depth = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    rows, cols = np.nonzero(mask)
+    weight = depth[rows, cols]
+    chosen: list[tuple[int, int]] = []
+    spread = np.full(rows.shape, np.inf)
+    for _ in range(count):
+        pick = int(np.argmax(weight * np.minimum(spread, 1e6)))
+        chosen.append((int(rows[pick]), int(cols[pick])))
+        spread = np.minimum(spread, np.hypot(rows - rows[pick], cols - cols[pick]))
+    return chosen
+
+
+def points_from_labels(labels: torch.Tensor, num_classes: int, points_per_class: int = 1,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points inside each class of each image.
+
+    Args:
+        labels: ``[B, 1, H, W]`` class indices 0..N (0 background).
+        num_classes: N.
+        points_per_class: P.
+        generator: None for deterministic points (the middle of the structure first, see
+            ``_deepest_points``: validation, test, prompts from a coarse prediction); a
+            generator for points drawn uniformly among the class's pixels (training).
+    Returns:
+        ``points`` float ``[B, N, P, 2]`` (x, y), ``point_labels`` long ``[B, N, P]``: 1 inside,
+        -1 padding (every point of a class absent from the image; its points are 0, 0).
+    """
+    if points_per_class < 1:
+        raise ValueError(f"points_per_class must be >= 1, got {points_per_class}")
+    classes = _check_labels(labels, num_classes)
+    b = classes.shape[0]
+    points = torch.zeros(b, num_classes, points_per_class, 2)
+    point_labels = torch.full((b, num_classes, points_per_class), -1, dtype=torch.long)
+    for i in range(b):
+        for c in range(num_classes):
+            mask = classes[i] == c + 1
+            if not bool(mask.any()):
+                continue
+            if generator is None:
+                picked = torch.tensor(_deepest_points(mask.numpy(), points_per_class), dtype=torch.float32)
+            else:
+                inside = torch.nonzero(mask).float()  # [M, 2] (row, col)
+                picked = inside[torch.randint(len(inside), (points_per_class,), generator=generator)]
+            points[i, c] = picked.flip(-1)  # (row, col) -> (x, y)
+            point_labels[i, c] = 1
+    return points, point_labels
+
+
+def prompts_from_labels(labels: torch.Tensor, num_classes: int, kind: str = "points", jitter: float = 0.0,
+                        points_per_class: int = 1, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The ``prompts`` dict ``SamSegmenter`` takes for ``kind``: ``{"points", "point_labels",
+    "present"}`` or ``{"boxes", "present"}``, on the labels' device."""
+    if kind == "points":
+        points, point_labels = points_from_labels(labels, num_classes, points_per_class, generator)
+        prompts = {"points": points, "point_labels": point_labels, "present": (point_labels == 1).any(dim=-1)}
+    elif kind == "boxes":
+        boxes, present = boxes_from_labels(labels, num_classes, jitter, generator)
+        prompts = {"boxes": boxes, "present": present}
+    else:
+        raise ValueError(f"prompt kind must be one of {PROMPT_FROM_LABEL_KINDS}, got {kind!r}")
+    return {k: v.to(labels.device) for k, v in prompts.items()}
+
+
+class PromptsFromLabels:
+    """A MONAI ``prepare_batch`` for prompted methods: ``batch -> (image, label, (), {"prompts": ...})``,
+    so that ``SupervisedTrainer``/``SupervisedEvaluator`` call ``network(image, prompts=...)``.
+
+    Args:
+        kind: ``"points"`` or ``"boxes"``.
+        num_classes: N, foreground classes.
+        jitter: box jitter (fraction of the box side), only when ``seed`` is given.
+        points_per_class: P.
+        seed: None for the deterministic ground-truth prompts (validation, test: the stand-in
+            for a user's clicks or boxes); an int for random prompts from a generator seeded
+            once with it (training: new points, new jitter at every step, reproducibly).
+    """
+
+    def __init__(self, kind: str, num_classes: int, jitter: float = 0.0, points_per_class: int = 1,
+                 seed: int | None = None) -> None:
+        if kind not in PROMPT_FROM_LABEL_KINDS:
+            raise ValueError(f"prompt kind must be one of {PROMPT_FROM_LABEL_KINDS}, got {kind!r}")
+        if jitter < 0:
+            raise ValueError(f"jitter must be >= 0, got {jitter}")
+        self.kind = kind
+        self.num_classes = int(num_classes)
+        self.jitter = float(jitter)
+        self.points_per_class = int(points_per_class)
+        self.seed = seed
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+
+    def prompts(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The prompts for ``[B, 1, H, W]`` labels, on the labels' device."""
+        return prompts_from_labels(labels, self.num_classes, self.kind, self.jitter if self.generator else 0.0,
+                                   self.points_per_class, self.generator)
+
+    def __call__(self, batchdata: Mapping[str, Any], device: str | torch.device | None = None,
+                 non_blocking: bool = False, **kwargs: Any):
+        if "label" not in batchdata:
+            raise ValueError("PromptsFromLabels needs a 'label' in the batch to derive the prompts from")
+        image = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
+        label = batchdata["label"].to(device=device, non_blocking=non_blocking, **kwargs)
+        prompts = {k: v.to(device=device, non_blocking=non_blocking) for k, v in self.prompts(batchdata["label"]).items()}
+        return image, label, (), {"prompts": prompts}
+
+    def __repr__(self) -> str:
+        return (f"PromptsFromLabels(kind={self.kind!r}, num_classes={self.num_classes}, jitter={self.jitter}, "
+                f"points_per_class={self.points_per_class}, seed={self.seed})")
