@@ -6,13 +6,16 @@ The format::
      "modality": {"0": "MRI"},                       # or "CT"
      "training":   [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}, ...],
      "validation": [{"image": ..., "label": ...}],   # optional
-     "test":       ["imagesTs/b.nii.gz", {"image": ..., "label": ...}]}   # optional
+     "test":       ["imagesTs/b.nii.gz", {"image": ..., "label": ...}],  # optional
+     "nonfinite_fill": 0}                            # optional: replaces NaN/inf voxels
 
 Paths are relative to the json file. Images are NIfTI volumes or 2-D PNGs (masks then are
 PNGs whose pixel values are the label values).
 
-``load_decathlon`` checks the json itself; ``validate_dataset`` also opens every listed file,
-so that a broken dataset fails before training with an error naming the file.
+``load_decathlon`` checks the json itself; ``validate_dataset`` also reads every listed file in
+full (a truncated file has a valid header), so that a broken dataset fails before training with
+an error naming the file. Images with NaN or infinite voxels are refused unless the json asks
+for them to be replaced (``nonfinite_fill``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from medsaga_components.data.labels import ClassMap
-from medsaga_components.data.volume_io import VolumeReadError, read_geometry, read_label
+from medsaga_components.data.volume_io import VolumeReadError, read_image, read_label
 
 SPLITS = ("training", "validation", "test")
 
@@ -58,6 +61,7 @@ class DecathlonDataset:
     modality: str  # e.g. "MRI", "CT"
     labels: dict[int, str]  # declared label value -> name, ascending, 0 first
     splits: dict[str, tuple[DatasetEntry, ...]] = field(default_factory=dict)
+    nonfinite_fill: float | None = None  # value replacing NaN/inf image voxels; None refuses them
 
     @property
     def root(self) -> Path:
@@ -136,6 +140,15 @@ def parse_modality(raw: Any, path: Path) -> str:
     raise DatasetError(f"{path}: key 'modality' must be \"CT\", \"MRI\" or {{\"0\": \"MRI\"}}, got {raw!r}")
 
 
+def _parse_nonfinite_fill(raw: Any, path: Path) -> float | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not np.isfinite(raw):
+        raise DatasetError(f"{path}: key 'nonfinite_fill' must be a finite number (the intensity that replaces "
+                           f"NaN/inf voxels, e.g. 0), got {raw!r}")
+    return float(raw)
+
+
 def _parse_entries(raw: Any, split: str, path: Path, label_required: bool) -> tuple[DatasetEntry, ...]:
     if not isinstance(raw, list):
         raise DatasetError(f"{path}: key {split!r} must be a list of {{\"image\", \"label\"}} objects, got {type(raw).__name__}")
@@ -192,15 +205,18 @@ def load_decathlon(path: str | Path) -> DecathlonDataset:
         modality=parse_modality(raw["modality"], json_path),
         labels=_parse_labels(raw["labels"], json_path),
         splits=splits,
+        nonfinite_fill=_parse_nonfinite_fill(raw.get("nonfinite_fill"), json_path),
     )
 
 
-def _entry_problems(entry: DatasetEntry, class_map: ClassMap) -> list[str]:
+def _entry_problems(entry: DatasetEntry, class_map: ClassMap, nonfinite_fill: float | None) -> list[str]:
     """Everything wrong with one image/label pair, each message naming the file."""
     try:
-        image_shape, image_affine = read_geometry(entry.image_path)
+        image, image_affine = read_image(entry.image_path, nonfinite_fill)
     except VolumeReadError as exc:
         return [str(exc)]
+    image_shape = image.shape
+    del image  # one volume in memory at a time
     if entry.label_path is None:
         return []
     try:
@@ -228,15 +244,16 @@ def _entry_problems(entry: DatasetEntry, class_map: ClassMap) -> list[str]:
 def validate_dataset(path: str | Path, splits: tuple[str, ...] = SPLITS) -> DecathlonDataset:
     """Load dataset.json and open every listed file; raise ``DatasetError`` listing all problems.
 
-    Checks per entry: the files exist and are readable, image and label share shape and affine,
-    label values are declared in ``labels``, and the label map has a foreground voxel.
+    Checks per entry: the files exist and their voxels read in full, image intensities are finite
+    (or ``nonfinite_fill`` is set), image and label share shape and affine, label values are
+    declared in ``labels``, and the label map has a foreground voxel.
     """
     dataset = load_decathlon(path)
     class_map = dataset.class_map
     problems = []
     for split in splits:
         for entry in dataset.entries(split):
-            problems.extend(f"[{split}] {p}" for p in _entry_problems(entry, class_map))
+            problems.extend(f"[{split}] {p}" for p in _entry_problems(entry, class_map, dataset.nonfinite_fill))
     if problems:
         shown = "\n  - ".join(problems[:20])
         more = f"\n  (+{len(problems) - 20} more)" if len(problems) > 20 else ""

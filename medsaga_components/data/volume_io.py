@@ -3,10 +3,18 @@
 Every reader returns a 3-D array and a 4x4 affine (voxel index -> world mm). A PNG becomes a
 volume one slice deep ([H, W] -> [H, W, 1], identity affine) so that slicing along axis 2
 handles 2-D data with no special case.
+
+A file is only trusted once its voxels have been read: a truncated ``.nii.gz`` has a valid
+header and fails only when its data are decompressed, so every reader decompresses the whole
+array and turns any failure into a ``VolumeReadError`` naming the file. Images must be finite:
+a single NaN makes the intensity percentiles, every scaled slice and the loss NaN. Non-finite
+voxels are refused unless the caller gives a value to replace them with (``nonfinite_fill``;
+a dataset.json sets it with the key ``"nonfinite_fill"``).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -14,8 +22,15 @@ import numpy as np
 from PIL import Image
 
 
+logger = logging.getLogger(__name__)
+
+
 class VolumeReadError(ValueError):
     """An image or label file cannot be read as a single-channel 2-D/3-D array."""
+
+
+class NonFiniteVoxelsError(VolumeReadError):
+    """An image holds NaN or infinite voxels and no replacement value was given."""
 
 
 def is_png(path: str | Path) -> bool:
@@ -54,6 +69,41 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
         return nib.load(str(path))
     except Exception as exc:  # nibabel raises several unrelated types for corrupt files
         raise VolumeReadError(f"{path}: cannot be read as NIfTI: {exc}") from exc
+
+
+def _nifti_voxels(img: nib.Nifti1Image, path: Path, as_float: bool) -> np.ndarray:
+    """All voxels of ``img`` (decompressed now, so a truncated or corrupt file fails here)."""
+    try:
+        if as_float:
+            return np.asarray(img.get_fdata(dtype=np.float32))
+        return np.asarray(img.dataobj)
+    except Exception as exc:  # EOFError, zlib.error, ValueError ("buffer is too small"), OSError...
+        raise VolumeReadError(
+            f"{path}: voxel data cannot be read ({type(exc).__name__}: {exc}); expected "
+            f"{int(np.prod(img.shape))} voxels of shape {tuple(img.shape)} as the header says: the file is "
+            "truncated or corrupt (an interrupted copy or download?)"
+        ) from exc
+
+
+def replace_nonfinite(data: np.ndarray, path: str | Path, fill: float | None) -> np.ndarray:
+    """``data`` with NaN/inf voxels refused (``fill`` None) or replaced by ``fill`` (in place).
+
+    Raises ``NonFiniteVoxelsError`` naming the file and the count.
+    """
+    finite = np.isfinite(data)
+    count = int(data.size - np.count_nonzero(finite))
+    if not count:
+        return data
+    nan = int(np.count_nonzero(np.isnan(data)))
+    what = f"{count} of {data.size} voxels are not finite ({nan} NaN, {count - nan} infinite)"
+    if fill is None:
+        raise NonFiniteVoxelsError(
+            f"{path}: {what}; expected finite intensities. Fix the file, or ask for them to be replaced by "
+            "setting \"nonfinite_fill\": <value> (e.g. 0) in dataset.json"
+        )
+    logger.warning("%s: %s; replaced by %s (dataset.json nonfinite_fill)", path, what, fill)
+    data[~finite] = fill
+    return data
 
 
 def _png_array(path: Path, for_label: bool) -> np.ndarray:
@@ -95,16 +145,21 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
     return _as_3d(img.shape, path), np.asarray(img.affine, dtype=np.float64)
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Image -> (float32 array [X, Y, Z] in the file's own units, affine [4, 4])."""
+def read_image(path: str | Path, nonfinite_fill: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Image -> (float32 array [X, Y, Z] in the file's own units, affine [4, 4]).
+
+    NaN/inf voxels raise ``NonFiniteVoxelsError`` unless ``nonfinite_fill`` gives their value.
+    """
     path = Path(path)
     _check_format(path)
     if is_png(path):
         return _png_array(path, for_label=False).astype(np.float32)[:, :, None], np.eye(4)
     img = _load_nifti(path)
     shape = _as_3d(img.shape, path)
-    data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-    return data, np.asarray(img.affine, dtype=np.float64)
+    data = _nifti_voxels(img, path, as_float=True).reshape(shape)
+    if not data.flags.writeable:
+        data = data.copy()
+    return replace_nonfinite(data, path, nonfinite_fill), np.asarray(img.affine, dtype=np.float64)
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +174,12 @@ def read_label(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return _png_array(path, for_label=True).astype(np.int64)[:, :, None], np.eye(4)
     img = _load_nifti(path)
     shape = _as_3d(img.shape, path)
-    raw = np.asanyarray(img.dataobj).reshape(shape)
+    raw = _nifti_voxels(img, path, as_float=False).reshape(shape)
     if not np.issubdtype(raw.dtype, np.integer):
+        if not np.all(np.isfinite(raw)):
+            count = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+            raise VolumeReadError(f"{path}: label map holds {count} NaN or infinite values, expected "
+                                  "whole-number label values")
         rounded = np.rint(raw)
         if not np.array_equal(rounded, raw):
             raise VolumeReadError(f"{path}: label map holds non-integer values, expected whole-number label values")

