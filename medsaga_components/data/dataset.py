@@ -117,7 +117,7 @@ class SliceDataset(Dataset):
     def load_volume(self, volume: str, label: str | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(image scaled to [0, 1], class-index map or None), both [X, Y, Z]; cached."""
         if volume not in self._cache:
-            image, _ = read_image(self.dataset.resolve(volume))
+            image, _ = read_image(self.dataset.resolve(volume), self.dataset.nonfinite_fill)
             image = scale_intensity(image, self.dataset.modality, self.ct_window, self.mri_percentiles)
             classes = None
             if label is not None:
