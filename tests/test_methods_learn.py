@@ -10,6 +10,7 @@ method runs at 15x its few-shot rates; that scaling is the same for all methods.
 import pytest
 import torch
 
+from medsaga_components.engine.label_prompts import PROMPT_FROM_LABEL_KINDS, PromptsFromLabels
 from medsaga_components.methods import METHODS, build_loss, build_network, build_optimizer, build_scheduler, get_method
 
 SIZE = 64
@@ -42,19 +43,26 @@ def train_and_score(method) -> float:
     optimizer = build_optimizer(method, network)
     scheduler = build_scheduler(method, optimizer, STEPS)
     loss_function = build_loss(method)
+    # Point/box methods get their prompts from the labels: random in training, the middle
+    # of (or the box around) the disk at test, as the bundles do.
+    prompted = get_method(method).prompt in PROMPT_FROM_LABEL_KINDS
+    train_prompts = PromptsFromLabels(get_method(method).prompt, 1, jitter=0.1, seed=0) if prompted else None
+    test_prompts = PromptsFromLabels(get_method(method).prompt, 1) if prompted else None
     images, labels = disk_task(16, seed=1)
     order = torch.Generator().manual_seed(2)
     network.train()
     for _ in range(STEPS):
         batch = torch.randint(0, len(images), (4,), generator=order)
         optimizer.zero_grad()
-        loss_function(network(images[batch]), labels[batch]).backward()
+        extra = {"prompts": train_prompts.prompts(labels[batch])} if prompted else {}
+        loss_function(network(images[batch], **extra), labels[batch]).backward()
         optimizer.step()
         scheduler.step()
     test_images, test_labels = disk_task(8, seed=3)
     network.eval()
     with torch.no_grad():
-        prediction = network(test_images).argmax(dim=1, keepdim=True)
+        extra = {"prompts": test_prompts.prompts(test_labels)} if prompted else {}
+        prediction = network(test_images, **extra).argmax(dim=1, keepdim=True)
     return dice(prediction, test_labels)
 
 
