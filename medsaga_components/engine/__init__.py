@@ -16,6 +16,7 @@ from .handlers import EvaluateOnTestVolumes, SaveBestPlainModel, evaluate_test_v
 from .memory import MemoryConfig, enable_memory_efficient_training
 from .schedules import warmup_poly_scheduler
 from .slice_inferer import SquareSliceInferer
+from .stopping import TrainUntilPlateau
 from .training_setup import prepare_training
 from .transforms import ScaleIntensityForModalityd
 from .volumes import dataset_modality, list_volumes
@@ -51,6 +52,6 @@ def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
 
 
 __all__ = ["FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
-           "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer",
+           "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer", "TrainUntilPlateau",
            "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "check_model_file", "prepare_training",
            "list_volumes", "dataset_modality", "FlipAveraged", "with_test_time_flips", "keep_freed_cpu_memory"]

@@ -1,0 +1,60 @@
+"""TrainUntilPlateau on real ignite engines: a trainer that validates every epoch with an
+evaluator whose key metric follows a scripted curve (the curve stands in for a network's
+validation Dice, which is what the handler reads)."""
+
+import json
+import time
+
+import pytest
+from ignite.engine import Engine, Events
+
+from medsaga_components.engine import TrainUntilPlateau
+
+
+def _engines(curve, step_seconds=0.0):
+    trainer = Engine(lambda engine, batch: time.sleep(step_seconds))
+    evaluator = Engine(lambda engine, batch: None)
+
+    @evaluator.on(Events.COMPLETED)
+    def score(engine):  # registered before the handler, as MONAI's metric handlers are
+        engine.state.key_metric_name = "val_mean_dice"
+        engine.state.metrics = {"val_mean_dice": curve[min(trainer.state.epoch, len(curve)) - 1]}
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: evaluator.run([0]))
+    return trainer, evaluator
+
+
+def test_stops_after_patience_validations_without_gain(tmp_path):
+    curve = [0.1, 0.5, 0.8, 0.801, 0.79, 0.80, 0.70, 0.95]  # a gain of 0.001 is below min_delta
+    trainer, evaluator = _engines(curve)
+    TrainUntilPlateau(evaluator, patience=4, min_delta=0.002, summary_path=tmp_path / "s.json").attach(trainer)
+    trainer.run(range(5), max_epochs=50)
+    assert trainer.state.epoch == 7  # best at epoch 3, then four validations without a gain
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["steps"] == 35 and record["epochs"] == 7
+    assert record["best_epoch"] == 3 and record["best_validation"] == pytest.approx(0.801)
+    assert record["stopped_by"].startswith("validation plateau")
+
+
+def test_patience_zero_trains_to_the_step_cap(tmp_path):
+    trainer, evaluator = _engines([0.5] * 3)
+    handler = TrainUntilPlateau(evaluator, patience=0, summary_path=tmp_path / "s.json")
+    handler.attach(trainer)
+    trainer.run(range(2), max_epochs=6)
+    assert trainer.state.epoch == 6
+    assert json.loads((tmp_path / "s.json").read_text())["stopped_by"] == "step cap (epochs)"
+
+
+def test_time_cap_stops_at_the_end_of_an_epoch(tmp_path):
+    trainer, evaluator = _engines([0.1 * i for i in range(1, 50)], step_seconds=0.02)
+    TrainUntilPlateau(evaluator, patience=10, max_minutes=0.05 / 60, summary_path=tmp_path / "s.json").attach(trainer)
+    trainer.run(range(3), max_epochs=40)  # 0.06 s an epoch against a 0.05 s cap
+    assert trainer.state.epoch == 1
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["stopped_by"].startswith("time cap") and record["seconds"] >= 0.05
+
+
+@pytest.mark.parametrize("kwargs, key", [({"patience": -1}, "patience"), ({"max_minutes": 0}, "max_minutes")])
+def test_bad_settings_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        TrainUntilPlateau(Engine(lambda e, b: None), **kwargs)
