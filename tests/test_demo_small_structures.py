@@ -17,7 +17,7 @@ import pytest
 from demo_checks import assert_slabs_are_template_crops
 
 from medsaga_components.data import demo, demo_small_structures, ensure_demo_dataset, load_decathlon, validate_dataset
-from medsaga_components.data import write_demo_dataset
+from medsaga_components.data import DatasetError, write_demo_dataset
 
 CLASS_NAMES = ("background", "amygdala", "pallidum", "insula", "parahippocampal gyrus")
 SPLITS = ("training", "validation", "test")
@@ -164,8 +164,10 @@ def test_ensure_prepares_the_task_of_the_default_folder_name(tmp_path, monkeypat
     monkeypatch.setattr(demo, "_write_small_structures_into", fake_writer("small_structures"))
     ensure_demo_dataset(tmp_path / "data" / "aal_small_structures")
     ensure_demo_dataset(tmp_path / "data" / "mni152_demo")
-    ensure_demo_dataset(tmp_path / "data" / "anything_else")
-    assert written == ["small_structures", "mni152", "mni152"]
+    with pytest.raises(DatasetError, match="anything_else does not exist.*medsaga demo-data --out"):
+        ensure_demo_dataset(tmp_path / "data" / "anything_else")  # a mistyped dataset_dir gets no demo
+    assert written == ["small_structures", "mni152"]
+    assert not (tmp_path / "data" / "anything_else").exists()
     assert demo.demo_task_for_folder("bundles/medsaga/data/aal_small_structures") == "small_structures"
 
 

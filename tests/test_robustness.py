@@ -78,3 +78,17 @@ def test_nonfinite_fill_must_be_a_number(tmp_path):
     dataset_json.write_text(json.dumps(raw))
     with pytest.raises(DatasetError, match="'nonfinite_fill' must be a finite number"):
         validate_dataset(dataset_json)
+
+
+def test_a_mistyped_dataset_dir_is_an_error_and_gets_no_demo(tmp_path):
+    from medsaga_components.engine import FewShotExperiment
+
+    typo = tmp_path / "data" / "mni152_dmeo"
+    with pytest.raises(DatasetError, match=r"mni152_dmeo does not exist.*expected .* dataset\.json") as info:
+        FewShotExperiment(typo, tmp_path / "eval")
+    assert "medsaga demo-data --out" in str(info.value)
+    empty = tmp_path / "my_scans"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="my_scans is a folder without a dataset.json"):
+        FewShotExperiment(empty, tmp_path / "eval")
+    assert not typo.exists() and list(empty.iterdir()) == [] and not (tmp_path / "eval").exists()

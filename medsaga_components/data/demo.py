@@ -14,9 +14,11 @@ Only nilearn's data files are read (its package is located, never imported).
 
 A second demo task, ``small_structures`` (four small AAL regions on the Colin27 T1, from
 Debian's ``mricron-data`` package), is described in ``demo_small_structures.py``. The task is
-chosen by name (``write_demo_dataset(out, task=...)``, ``medsaga demo-data --task ...``); a
-bundle's ``dataset_dir`` named like a task's default folder (``DEMO_FOLDERS``:
-``aal_small_structures``) receives that task on first use, any other folder the MNI152 demo.
+chosen by name (``write_demo_dataset(out, task=...)``, ``medsaga demo-data --task ...``). A
+bundle's ``dataset_dir`` receives a demo on first use only when it is a default demo location,
+named like a task's folder (``DEMO_LOCATIONS``: ``mni152_demo``, ``medsaga_demo``,
+``aal_small_structures``); any other folder without a dataset.json is an error, so that a
+mistyped ``--dataset_dir`` never trains on the demo.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ DEMO_VERSIONS = {MNI152: DEMO_VERSION, SMALL_STRUCTURES: demo_small_structures.V
 # Folder names: where ``medsaga demo-data`` writes a task without --out, and (for tasks other
 # than the MNI152 default) the dataset_dir name that makes ``ensure_demo_dataset`` prepare it.
 DEMO_FOLDERS = {MNI152: "medsaga_demo", SMALL_STRUCTURES: "aal_small_structures"}
+# Folder names a bundle's dataset_dir may have for ``ensure_demo_dataset`` to write a demo into
+# it: the bundles' default ``data/mni152_demo`` and the tasks' default folders.
+DEMO_LOCATIONS = {"mni152_demo": MNI152, **{folder: task for task, folder in DEMO_FOLDERS.items()}}
 
 
 def template_dir() -> Path:
@@ -185,11 +190,11 @@ def _check_task(task: str) -> str:
     return task
 
 
-def demo_task_for_folder(dataset_dir: str | Path) -> str:
-    """The demo task a bundle's ``dataset_dir`` receives on first use: the task whose default folder
-    name it has (``.../data/aal_small_structures`` -> ``small_structures``), else ``mni152``."""
-    name = Path(dataset_dir).name
-    return next((task for task in DEMO_TASKS if task != MNI152 and DEMO_FOLDERS[task] == name), MNI152)
+def demo_task_for_folder(dataset_dir: str | Path) -> str | None:
+    """The demo task a bundle's ``dataset_dir`` receives on first use, from its folder name
+    (``.../data/aal_small_structures`` -> ``small_structures``, ``.../data/mni152_demo`` ->
+    ``mni152``); None when it is not a default demo location."""
+    return DEMO_LOCATIONS.get(Path(dataset_dir).name)
 
 
 def is_complete_demo(out: str | Path, task: str = MNI152) -> bool:
@@ -250,16 +255,26 @@ def write_demo_dataset(out: str | None = None, overwrite: bool = False, task: st
 def ensure_demo_dataset(dataset_dir: str | Path) -> str:
     """For bundles: the dataset.json in ``dataset_dir``, writing a demo there on first use.
 
-    The demo written is the one whose default folder name ``dataset_dir`` has
-    (``demo_task_for_folder``: ``.../aal_small_structures`` gets the small-structure task),
-    otherwise the MNI152 demo. A user dataset already in ``dataset_dir`` (any dataset.json) is
-    returned untouched. A demo written by an older version of this code (another split) is
-    rewritten as the same task, so that a bundle's results always refer to the split its docs
-    describe.
+    Only a default demo location receives a demo (``demo_task_for_folder``: a folder named
+    ``mni152_demo`` or ``medsaga_demo`` gets the MNI152 demo, ``aal_small_structures`` the
+    small-structure task); any other ``dataset_dir`` without a dataset.json raises
+    ``DatasetError`` naming it, so that a mistyped path fails instead of training on the demo.
+    A user dataset already in ``dataset_dir`` (any dataset.json) is returned untouched. A demo
+    written by an older version of this code (another split) is rewritten as the same task, so
+    that a bundle's results always refer to the split its docs describe.
     """
     json_path = Path(dataset_dir) / "dataset.json"
     if not json_path.is_file():
-        return write_demo_dataset(str(dataset_dir), task=demo_task_for_folder(dataset_dir))
+        task = demo_task_for_folder(dataset_dir)
+        if task is None:
+            where = Path(dataset_dir).resolve()
+            state = "is a folder without a dataset.json" if where.is_dir() else "does not exist"
+            raise DatasetError(
+                f"dataset_dir {where} {state}; expected a Medical Segmentation Decathlon folder with a "
+                f"dataset.json. Only a default demo location ({', '.join(sorted(DEMO_LOCATIONS))}) receives "
+                f"the demo automatically; to write the demo elsewhere run: medsaga demo-data --out {where}"
+            )
+        return write_demo_dataset(str(dataset_dir), task=task)
     marker = _demo_marker(json_path)
     if marker is not None and marker[0] in DEMO_TASKS and marker[1] != DEMO_VERSIONS[marker[0]]:
         task, version = marker

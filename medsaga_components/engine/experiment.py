@@ -14,8 +14,8 @@ from ..data.fewshot import STRATEGIES as FEWSHOT_STRATEGIES
 class FewShotExperiment:
     """A dataset folder turned into few-shot training, validation and test slice datasets.
 
-    ``dataset_dir`` holds a Decathlon ``dataset.json``; an empty or missing folder receives
-    the embedded MNI152 demo. The dataset is validated before anything trains (a missing
+    ``dataset_dir`` holds a Decathlon ``dataset.json``; a default demo location (a missing
+    ``data/mni152_demo`` or ``aal_small_structures``) receives the embedded demo. The dataset is validated before anything trains (a missing
     file, mismatched geometry or an undeclared label value stops here, naming the file),
     and the few-shot selection is written to ``output_dir/fewshot_manifest.json`` so that a
     run can be repeated and audited.
