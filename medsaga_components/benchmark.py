@@ -65,6 +65,7 @@ from torch import nn
 
 from .engine.cpu_allocator import TRIM_THRESHOLD_BYTES
 from .engine.memory import MemoryConfig, enable_memory_efficient_training, encoder_segments, set_segment_forwards
+from .engine.label_prompts import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
 from .methods import METHODS, build_loss, build_network, build_optimizer
 
 DEFAULT_METHODS = (*METHODS, "medsaga+ckpt", "medsaga+layerwise", "medsaga_efficient")
@@ -157,7 +158,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def saved_activation_bytes(network: nn.Module, images: torch.Tensor,
-                           encoder_name: str = "backbone.image_encoder") -> dict[str, int]:
+                           encoder_name: str = "backbone.image_encoder", prompts: dict | None = None) -> dict[str, int]:
     """Bytes that one training forward saves for backward, by encoder segment.
 
     Returns ``{segment qualified name: bytes}`` for every segment, plus ``"outside encoder
@@ -191,7 +192,7 @@ def saved_activation_bytes(network: nn.Module, images: torch.Tensor,
     handles = [h for s in segments for h in (s.register_forward_pre_hook(enter), s.register_forward_hook(leave))]
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            network(images)
+            network(images, prompts)
     finally:
         for h in handles:
             h.remove()
@@ -233,6 +234,9 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
     loss_function = build_loss(base)
     size = network.image_size
     images, labels = synthetic_batch(batch, size, num_classes, seed, dev)
+    # point/box methods: the prompts a bundle feeds them, from the labels
+    prompt_kind = METHODS[base].prompt
+    prompts = prompts_from_labels(labels, num_classes, prompt_kind) if prompt_kind in PROMPT_FROM_LABEL_KINDS else None
     ready = memory_bytes(dev, peak=False)
 
     losses, step_times = [], []
@@ -241,7 +245,7 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
         _synchronize(dev)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)  # the order of MONAI's SupervisedTrainer iteration
-        loss = loss_function(network(images), labels)
+        loss = loss_function(network(images, prompts), labels)
         loss.backward()
         optimizer.step()
         _synchronize(dev)
@@ -258,7 +262,8 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
     # what one segment saves, measured without checkpointing (bf16 autocast, where on, stays on)
     set_segment_forwards(network.backbone.image_encoder, checkpointed=False,
                          no_grad_when_frozen=memory_config.frozen_without_grad)
-    activations = {k: v * batch for k, v in saved_activation_bytes(network, images[:1]).items()}
+    activations = {k: v * batch for k, v in saved_activation_bytes(
+        network, images[:1], prompts=None if prompts is None else {k: v[:1] for k, v in prompts.items()}).items()}
     segment_activations = {k: v for k, v in activations.items() if k != "outside encoder segments"}
     largest = max(segment_activations, key=segment_activations.get)
     timed = step_times[1:] or step_times

@@ -6,6 +6,7 @@ import torch
 from medsaga_components import SamSegmenter
 from medsaga_components.adapters import count_parameters
 from medsaga_components.engine import plain_state_dict
+from medsaga_components.engine.label_prompts import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
 from medsaga_components.methods import METHODS, build_loss, build_network, build_optimizer, get_method
 
 
@@ -74,7 +75,10 @@ def test_every_method_takes_a_training_step(method):
     net = build_network(method, "lite_medsam_tiny", num_classes=2, checkpoint=None, image_size=64)
     optimizer = build_optimizer(method, net)
     before = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
-    loss = build_loss(method)(net(torch.rand(2, 1, 64, 64)), torch.randint(0, 3, (2, 1, 64, 64)))
+    labels = torch.randint(0, 3, (2, 1, 64, 64))
+    kind = get_method(method).prompt
+    prompts = prompts_from_labels(labels, 2, kind) if kind in PROMPT_FROM_LABEL_KINDS else None
+    loss = build_loss(method)(net(torch.rand(2, 1, 64, 64), prompts), labels)
     loss.backward()
     optimizer.step()
     changed = [n for n, p in net.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
