@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_synthetic import affine_with_spacing, save, write_dataset
+from medsaga_components.data.holdout import split_slice_ranges
 from medsaga_components.data import (
     FewShotError,
     SliceDataset,
@@ -216,3 +217,19 @@ def test_slice_dataset_trains_in_a_monai_supervised_trainer(dataset_json, tmp_pa
     trainer.run()
     assert trainer.state.iteration == 2
     assert np.isfinite(float(trainer.state.output[0]["loss"]))
+
+
+def test_slice_holdout_interleaves_validation_and_test_across_the_extent():
+    labelled = list(range(10, 90))  # 80 labelled slices of a 100-slice volume
+    train, validation, test = split_slice_ranges(labelled, 100, 0.15, 0.25)
+    assert len(train) == len(validation) == len(test) == 4
+    cover = sorted(train + validation + test)
+    assert cover[0][0] == 0 and cover[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(cover, cover[1:]))  # no slice lost or shared
+    # Validation and test both reach into the first and the last quarter of the extent.
+    for part in (validation, test):
+        assert part[0][0] < 30 and part[-1][0] > 70
+    held = sum(stop - start for start, stop in validation)
+    assert held == 4 * 3  # 20 labelled slices a block: 12 | 3 | 5
+    with pytest.raises(ValueError, match="at least 3 labelled slices"):
+        split_slice_ranges([4, 5], 10, 0.15, 0.25)

@@ -5,8 +5,12 @@ Methods:
 - ``declared``: the dataset.json's own ``validation``/``test`` lists (labelled entries) are
   held out; every slice of the source split may be a few-shot slice.
 - ``volume``: whole volumes of the source split are held out (needs at least 3 volumes).
-- ``slices``: each volume's labelled extent along the axis is cut into three contiguous
-  slice ranges, train | validation | test (for datasets of one or two volumes).
+- ``slices``: each volume's labelled slices along the axis are cut into consecutive blocks
+  (up to four, at least eight labelled slices each), and each block into train | validation |
+  test slice ranges (for datasets of one or two volumes). Validation and test thus both span
+  the volume's extent and lie as near the few-shot slices as each other, so the best model
+  and the plateau are chosen on slices like those the test scores (one train | validation |
+  test cut put validation beside the few-shot slices and the test at the far end).
 - ``auto``: ``declared`` if the dataset lists labelled validation or test entries, else
   ``volume`` with 3+ volumes, else ``slices``.
 
@@ -56,19 +60,34 @@ def split_volume_indices(n_volumes: int, validation_fraction: float, test_fracti
     return sorted(order[:n_train]), sorted(order[n_train:n_train + n_val]), sorted(order[n_train + n_val:])
 
 
-def split_slice_ranges(labelled_indices: list[int], total_slices: int, validation_fraction: float,
-                       test_fraction: float) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """Cut one volume into contiguous [start, stop) ranges: train | validation | test.
+SLICE_BLOCKS = 4  # at most this many train | validation | test blocks per volume
+MIN_BLOCK_SLICES = 8  # labelled slices per block: room for at least one of each part
 
-    The cuts fall between labelled slices so that each range gets its share of them
-    (``labelled_indices``, ascending); unlabelled slices before/after go to train/test.
+
+def split_slice_ranges(labelled_indices: list[int], total_slices: int, validation_fraction: float,
+                       test_fraction: float) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """Cut one volume into interleaved [start, stop) ranges: consecutive blocks of its labelled
+    slices (``labelled_indices``, ascending), each block cut train | validation | test.
+
+    The cuts fall between labelled slices so that each range gets its share of them;
+    unlabelled slices before the first block go to train, those between blocks and after the
+    last to the test range before them. Returns (train, validation, test) range lists.
     """
-    n_train, n_val, _ = _counts(len(labelled_indices), validation_fraction, test_fraction)
-    if len(labelled_indices) < 3 or n_train < 1:
+    if len(labelled_indices) < 3:
         raise ValueError(f"a split by slice range needs at least 3 labelled slices, got {len(labelled_indices)}")
-    first_val = labelled_indices[n_train]
-    first_test = labelled_indices[n_train + n_val]
-    return (0, first_val), (first_val, first_test), (first_test, total_slices)
+    n_blocks = max(1, min(SLICE_BLOCKS, len(labelled_indices) // MIN_BLOCK_SLICES))
+    blocks = [list(b) for b in np.array_split(np.asarray(labelled_indices), n_blocks)]
+    parts: tuple[list, list, list] = ([], [], [])
+    for j, block in enumerate(blocks):
+        n_train, n_val, _ = _counts(len(block), validation_fraction, test_fraction)
+        if n_train < 1:
+            raise ValueError(f"a block of {len(block)} labelled slices leaves none for training")
+        start = 0 if j == 0 else int(block[0])
+        stop = total_slices if j == len(blocks) - 1 else int(blocks[j + 1][0])
+        first_val, first_test = int(block[n_train]), int(block[n_train + n_val])
+        for part, cut in zip(parts, ((start, first_val), (first_val, first_test), (first_test, stop))):
+            part.append(cut)
+    return parts
 
 
 def _whole_volume_ranges(dataset: DecathlonDataset, split: str, axis: int) -> tuple[SliceRange, ...]:
@@ -120,8 +139,8 @@ def plan_holdout(
         for volume in scanned:
             indices = [s.ref.slice_index for s in volume.labelled]
             ranges = split_slice_ranges(indices, volume.num_slices, validation_fraction, test_fraction)
-            for part, (start, stop) in zip(parts, ranges):
-                part.append(SliceRange(volume.entry.image, volume.entry.label, axis, start, stop))
+            for part, cuts in zip(parts, ranges):
+                part.extend(SliceRange(volume.entry.image, volume.entry.label, axis, start, stop) for start, stop in cuts)
         return Holdout("slices", tuple(parts[0]), tuple(parts[1]), tuple(parts[2]))
     except ValueError as exc:
         raise DatasetError(f"{dataset.path}: cannot hold out validation/test slices by {method}: {exc}") from exc
