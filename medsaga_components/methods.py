@@ -10,6 +10,7 @@ defaults, so the methods they compare are the same.
 | ``samed`` | none | frozen + LoRA r=4 on q, v | prompt encoder, mask decoder | AdamW | 0.2 CE + 0.8 Dice |
 | ``ssam`` | class tokens | frozen + SVD scale/shift | norms, pos_embed, class-token prompts | AdamW | focal + Dice (sigmoid) |
 | ``cheap_lunch`` | points | frozen + LoRA r=4 on q, v | LoRA r=4 on the mask decoder's q/v projections, prompt encoder | AdamW | CE + 0.8 Dice |
+| ``mcp_medsam`` | box + class, modality, content prompts | everything | everything | AdamW | Dice + BCE (sigmoid) |
 
 Rates are for few-shot runs of about 80 steps (the bundles' default schedule). The papers'
 own settings are documented overrides in each bundle's ``docs/README.md``.
@@ -30,6 +31,7 @@ from .adapters.base import has_prefix
 from .backbones import build_backbone
 from .backbones.checkpoints import load_state_dict_strict, read_state_dict
 from .engine.schedules import warmup_poly_scheduler
+from .losses import DiceBceLoss
 from .network import SamSegmenter
 from .optimizers.galore import GaloreConfig, galore_adamw, galore_rank_groups, galore_target_weights
 from .prompts import PROMPT_KINDS, ClassTokenPrompt, PromptKind, name_keyed_embeddings
@@ -37,7 +39,7 @@ from .prompts import PROMPT_KINDS, ClassTokenPrompt, PromptKind, name_keyed_embe
 ENCODER = "backbone.image_encoder"
 DECODER_AND_PROMPTS = ("prompt", "backbone.prompt_encoder", "backbone.mask_decoder")
 NORM_TYPES = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
-LOSSES = ("dice_ce", "dice_focal")
+LOSSES = ("dice_ce", "dice_focal", "dice_bce")
 CHEAP_LUNCH_TRAINED_IN_FULL = ("backbone.prompt_encoder", "backbone.mask_decoder.iou_token",
                                "backbone.mask_decoder.mask_tokens", "backbone.mask_decoder.output_upscaling",
                                "backbone.mask_decoder.output_hypernetworks_mlps")
@@ -64,7 +66,8 @@ class Method:
             without pretrained values for the classes; None: ``lr``.
         weight_decay: AdamW's, for every group.
         warmup_iterations, poly_power: linear warmup, then ``(1 - t)^power`` decay, per step.
-        loss: ``"dice_ce"`` (0.2 CE + 0.8 Dice, softmax) or ``"dice_focal"`` (sigmoid per class).
+        loss: ``"dice_ce"`` (0.2 CE + 0.8 Dice, softmax), ``"dice_focal"`` (sigmoid per class) or
+            ``"dice_bce"`` (Dice + BCE per class, MCP-MedSAM's).
         ce_weight: the CE weight of ``"dice_ce"`` (Cheap Lunch's loss is CE + 0.8 Dice: 1.0).
     """
 
@@ -128,13 +131,15 @@ class Method:
     # --- network ---------------------------------------------------------------------------
 
     def build_prompt(self, num_classes: int, embed_dim: int, class_names: Sequence[str] | None = None,
-                     class_embeddings: str | None = None) -> PromptKind:
+                     class_embeddings: str | None = None, prompt_options: dict | None = None) -> PromptKind:
         """The prompt module. Class tokens start from the ``[N, E]`` tensor in the file
-        ``class_embeddings`` (e.g. a text encoder's), or from embeddings keyed by the names."""
+        ``class_embeddings`` (e.g. a text encoder's), or from embeddings keyed by the names.
+        ``prompt_options``: keyword arguments of the prompt kind (None values keep its defaults)."""
         if self.prompt != "class_tokens":
             if class_embeddings:
                 raise ValueError(f"class_embeddings apply to class-token methods, not to {self.name!r}")
-            return PROMPT_KINDS[self.prompt](num_classes, embed_dim)
+            options = {k: v for k, v in (prompt_options or {}).items() if v is not None}
+            return PROMPT_KINDS[self.prompt](num_classes, embed_dim, **options)
         start = None
         if class_embeddings:
             start = torch.load(class_embeddings, map_location="cpu", weights_only=True)
@@ -203,6 +208,8 @@ class Method:
 
     def build_loss(self) -> nn.Module:
         """Loss on ``[B, N+1, H, W]`` logits and ``[B, 1, H, W]`` class-index labels."""
+        if self.loss == "dice_bce":
+            return DiceBceLoss()
         if self.loss == "dice_ce":
             return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=self.ce_weight, lambda_dice=0.8)
         # Per-class queries: each foreground channel is its own sigmoid mask (background is 0).
@@ -238,6 +245,12 @@ METHODS: dict[str, Method] = {
                                 (LoraConfig(rank=4, target_modules=("q_proj", "v_proj"), qkv_parts=None), "mask_decoder")),
                           trained_in_full=CHEAP_LUNCH_TRAINED_IN_FULL, lr=1e-3, adapter_lr=2e-3, head_lr=None,
                           ce_weight=1.0),
+    # MCP-MedSAM: full fine-tuning of LiteMedSAM and its prompt modules (box, class, modality and
+    # content prompts: prompts_mcp.py) with AdamW at the paper's 2e-4 and weight decay 1e-3,
+    # Dice + BCE per class. The paper's IoU-regression term is left out: SamSegmenter returns
+    # class logits only, not the decoder's IoU predictions.
+    "mcp_medsam": Method("mcp_medsam", prompt="mcp", trained_in_full=("backbone", "prompt"), lr=2e-4,
+                         weight_decay=1e-3, loss="dice_bce"),
 }
 
 
@@ -253,7 +266,8 @@ def get_method(name: str | Method, **overrides: Any) -> Method:
 def build_network(method: str | Method, backbone: str = "lite_medsam", num_classes: int = 1,
                   checkpoint: str | None = "pretrained", image_size: int | None = None,
                   weights: str | None = None, class_names: Sequence[str] | None = None,
-                  class_embeddings: str | None = None, decompose: bool = True) -> SamSegmenter:
+                  class_embeddings: str | None = None, decompose: bool = True,
+                  prompt_options: dict | None = None) -> SamSegmenter:
     """The method's network: the backbone with its prompt kind and adapters, what it trains marked.
 
     Args:
@@ -262,10 +276,12 @@ def build_network(method: str | Method, backbone: str = "lite_medsam", num_class
         class_names, class_embeddings: starting class tokens (class-token methods only).
         decompose: S-SAM computes each weight's SVD when injected; False leaves the factors
             empty, to be filled by ``load_state_dict`` (or to count parameters quickly).
+        prompt_options: keyword arguments of the method's prompt kind (mcp_medsam: ``modalities``,
+            ``modality_prompt``, ``content_prompt``, ``default_modality``).
     """
     spec = get_method(method)
     sam = build_backbone(backbone, image_size=image_size, checkpoint=checkpoint)
-    prompt = spec.build_prompt(num_classes, sam.prompt_encoder.embed_dim, class_names, class_embeddings)
+    prompt = spec.build_prompt(num_classes, sam.prompt_encoder.embed_dim, class_names, class_embeddings, prompt_options)
     network = SamSegmenter(sam, num_classes=num_classes, prompt=prompt)
     if weights:
         load_state_dict_strict(network, read_state_dict(weights), weights,

@@ -91,6 +91,8 @@ class SamSegmenter(nn.Module):
         embeddings = self.backbone.embed_images(image)  # [B, D, h, w]
         b = embeddings.shape[0]
         prompt_encoder = self.backbone.prompt_encoder
+        if self.prompt.needs_image:  # content prompts read the image inside each box (prompts_mcp.py)
+            prompts = {**(prompts or {}), "image": image}
         sparse, dense = self.prompt(prompt_encoder, b, prompts)  # [B, Q, T, D], [B, Q, D, h, w]
         q = sparse.shape[1]
         masks = self.backbone.decode_masks(

@@ -29,6 +29,7 @@ class PromptKind(nn.Module):
     """Base class: one query per image, no prompt tokens (SAMed/MedSAGa's class masks)."""
 
     per_class = False
+    needs_image = False  # True: SamSegmenter passes the input image as prompts["image"] (content prompts)
     required_keys: tuple[str, ...] = ()
 
     def __init__(self, num_classes: int, embed_dim: int) -> None:
@@ -175,3 +176,4 @@ PROMPT_KINDS: dict[str, type[PromptKind]] = {
     "points": PointPrompt,
     "class_tokens": ClassTokenPrompt,
 }
+from . import prompts_mcp  # noqa: E402,F401  (registers MCP-MedSAM's "mcp" kind in PROMPT_KINDS)

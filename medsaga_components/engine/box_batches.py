@@ -1,0 +1,105 @@
+"""MCP-MedSAM's ``prepare_batch``: box prompts from the labels plus each case's modality.
+
+Training draws each class's box from the ground truth with jitter (MedSAM's box noise) and,
+with probability ``whole_image_prob``, gives a class the whole image as its box instead, so
+that the network also learns the first pass of box-free inference (``box_inference``): find
+the class anywhere, told only by its class token. Validation and test take the tight
+ground-truth boxes (the stand-in for a user's boxes) or no boxes at all (box-free).
+
+The modality of a sample is its case's, looked up by the sample's ``volume`` (the image
+path as dataset.json writes it; ``data.modalities.case_modalities``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..data.modalities import MODALITIES, case_modalities
+from .label_prompts import PromptsFromLabels
+
+BOX_SOURCES = ("labels", "none")
+
+
+def whole_image_boxes(batch_size: int, num_classes: int, height: int, width: int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """``[B, N, 4]`` boxes ``(0, 0, W - 1, H - 1)``: every class asked anywhere in the image."""
+    return torch.tensor([0.0, 0.0, width - 1.0, height - 1.0], device=device).repeat(batch_size, num_classes, 1)
+
+
+class McpPrepareBatch:
+    """A MONAI ``prepare_batch``: ``batch -> (image, label, (), {"prompts": {...}})`` with
+    ``boxes`` and ``present`` (``boxes="labels"``) and ``modality`` ``[B]`` indices.
+
+    Args:
+        num_classes: N, foreground classes.
+        dataset_json: the dataset the samples come from (gives each case's modality).
+        modalities: the network's modality vocabulary (``McpPrompt.modalities``).
+        boxes: ``"labels"``: from the ground truth; ``"none"``: modality only (box-free
+            inference finds the boxes, ``box_inference.TwoPassInferer``).
+        jitter: box-edge noise as a fraction of the box's side (training; needs ``seed``).
+        whole_image_prob: per image and class, the chance of the whole-image box instead
+            (training; needs ``seed``).
+        seed: None for the deterministic tight boxes (validation, test); an int for the
+            seeded random jitter and whole-image boxes of training.
+    """
+
+    def __init__(self, num_classes: int, dataset_json: str, modalities: Sequence[str] | None = None,
+                 boxes: str = "labels", jitter: float = 0.0, whole_image_prob: float = 0.0,
+                 seed: int | None = None) -> None:
+        if boxes not in BOX_SOURCES:
+            raise ValueError(f"boxes must be one of {BOX_SOURCES}, got {boxes!r}")
+        if not 0.0 <= float(whole_image_prob) <= 1.0:
+            raise ValueError(f"whole_image_prob must be in [0, 1], got {whole_image_prob!r}")
+        self.num_classes = int(num_classes)
+        self.modality_of = case_modalities(dataset_json, MODALITIES if modalities is None else modalities)
+        self.dataset_json = str(dataset_json)
+        self.boxes = boxes
+        self.whole_image_prob = float(whole_image_prob) if seed is not None else 0.0
+        self.from_labels = PromptsFromLabels("boxes", self.num_classes, jitter=jitter, seed=seed)
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed) + 1)
+
+    def modality(self, volumes: Sequence[str]) -> torch.Tensor:
+        """``[B]`` modality indices of the samples' volumes."""
+        missing = sorted({v for v in volumes if v not in self.modality_of})
+        if missing:
+            raise ValueError(f"{self.dataset_json} does not list the volumes {missing[:3]}: no modality for them")
+        return torch.tensor([self.modality_of[v] for v in volumes], dtype=torch.long)
+
+    def prompts(self, batchdata: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The prompts of a collated batch (needs ``volume``, and ``label`` for boxes from labels)."""
+        if "volume" not in batchdata:
+            raise ValueError("McpPrepareBatch needs the samples' 'volume' (SliceDataset gives it) to know their "
+                             "modality")
+        volumes = batchdata["volume"]
+        prompts = {"modality": self.modality([volumes] if isinstance(volumes, str) else list(volumes))}
+        if self.boxes == "labels":
+            if "label" not in batchdata:
+                raise ValueError("McpPrepareBatch(boxes='labels') needs a 'label' in the batch to derive boxes from")
+            labels = batchdata["label"]
+            drawn = self.from_labels.prompts(labels.cpu())
+            boxes, present = drawn["boxes"], drawn["present"]
+            if self.whole_image_prob > 0:
+                b, n, _ = boxes.shape
+                whole = torch.rand(b, n, generator=self.generator) < self.whole_image_prob
+                full = whole_image_boxes(b, n, *labels.shape[-2:])
+                boxes = torch.where((whole & present)[..., None], full, boxes)
+            prompts.update(boxes=boxes, present=present)
+        return prompts
+
+    def __call__(self, batchdata: Mapping[str, Any], device: str | torch.device | None = None,
+                 non_blocking: bool = False, **kwargs: Any):
+        image = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
+        label = batchdata["label"].to(device=device, non_blocking=non_blocking, **kwargs) \
+            if "label" in batchdata else None
+        prompts = {k: v.to(device=device, non_blocking=non_blocking) for k, v in self.prompts(batchdata).items()}
+        return image, label, (), {"prompts": prompts}
+
+    def __repr__(self) -> str:
+        return (f"McpPrepareBatch(num_classes={self.num_classes}, boxes={self.boxes!r}, "
+                f"jitter={self.from_labels.jitter}, whole_image_prob={self.whole_image_prob}, "
+                f"seed={self.from_labels.seed})")
+
+
+__all__ = ["McpPrepareBatch", "whole_image_boxes", "BOX_SOURCES"]
