@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -92,3 +97,48 @@ def test_a_mistyped_dataset_dir_is_an_error_and_gets_no_demo(tmp_path):
     with pytest.raises(DatasetError, match="my_scans is a folder without a dataset.json"):
         FewShotExperiment(empty, tmp_path / "eval")
     assert not typo.exists() and list(empty.iterdir()) == [] and not (tmp_path / "eval").exists()
+
+
+# --- the command line: one sentence and a non-zero status, --debug for the traceback --------------
+
+def _medsaga(*args):
+    """The installed console script, as a user runs it."""
+    exe = shutil.which("medsaga") or str(Path(sys.executable).parent / "medsaga")
+    return subprocess.run([exe, *args], capture_output=True, text=True, env={**os.environ, "PAGER": "cat"},
+                          stdin=subprocess.DEVNULL, timeout=300)
+
+
+def test_cli_failure_is_one_sentence_and_a_nonzero_status(tmp_path):
+    missing = tmp_path / "nowhere" / "dataset.json"
+    done = _medsaga("fewshot", "--dataset_json", str(missing), "--shots", "3", "--out", str(tmp_path / "m.json"))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[0] == f"medsaga fewshot: error: dataset.json not found: {missing}"
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_cli_debug_raises_the_exception_itself(tmp_path):
+    from medsaga_components import cli
+
+    with pytest.raises(DatasetError, match="dataset.json not found"):  # Python prints its traceback
+        cli.main(["fewshot", "--dataset_json", str(tmp_path / "dataset.json"), "--shots", "3", "--debug"])
+
+
+@pytest.mark.parametrize("command,parameter", [("fewshot", "--shots"), ("demo-data", "--overwrite")])
+def test_cli_command_help_lists_its_parameters(command, parameter, capsys):
+    from medsaga_components import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    text = "".join(capsys.readouterr())
+    assert parameter in text and "unexpected keyword" not in text
+
+
+def test_cli_missing_required_argument_names_it(tmp_path, capsys):
+    from medsaga_components import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fewshot", "--dataset_json", str(tmp_path / "dataset.json")])
+    assert info.value.code == 2
+    assert "no value for the required argument: shots" in capsys.readouterr().err
