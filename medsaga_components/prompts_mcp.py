@@ -125,9 +125,9 @@ class McpPrompt(PromptKind):
     """Box + class + modality + content prompts, one query per class (see the module docstring).
 
     ``prompts``: ``"boxes"`` ``[B, N, 4]`` (x0, y0, x1, y1 in pixels of the network's input
-    frame, required); ``"modality"`` (needed while the modality prompt is on, unless a
-    ``default_modality`` is set): ``[B]`` indices into ``modalities``, a list of ``B``
-    names or one name for the batch; ``"present"`` ``[B, N]`` (optional, see ``network.py``);
+    frame, required); ``"modality"``: ``[B]`` indices into ``modalities``, a list of ``B``
+    names or one name for the batch (none given: the ``default_modality``; without one, the
+    queries are decoded without a modality token, as with the modality prompt off); ``"present"`` ``[B, N]`` (optional, see ``network.py``);
     ``"image"`` is put in by ``SamSegmenter`` (``needs_image``).
 
     Args:
@@ -138,7 +138,7 @@ class McpPrompt(PromptKind):
             the weights).
         default_modality: the modality assumed when a call gives none (a bundle sets it from
             dataset.json; saved with the weights, so a served model knows the modality it was
-            trained for); None makes ``prompts["modality"]`` required.
+            trained for).
         crop_size: side of the box crop the content encoder reads (MCP-MedSAM: 64).
     """
 
@@ -171,13 +171,12 @@ class McpPrompt(PromptKind):
                              "engine.box_inference.TwoPassBoxSegmenter or TwoPassInferer (box-free, two passes)")
         return prompts
 
-    def modality_indices(self, modality, batch_size: int, device: torch.device) -> torch.Tensor:
-        """``[B]`` long indices from what ``prompts["modality"]`` may hold; undeclared names and
-        out-of-range indices are errors that name them."""
+    def modality_indices(self, modality, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """``[B]`` long indices from what ``prompts["modality"]`` may hold (None: none given and
+        no default); undeclared names and out-of-range indices are errors that name them."""
         if modality is None:
             if int(self.default_modality) < 0:
-                raise ValueError(f"{type(self).__name__} with the modality prompt on needs prompts['modality'] "
-                                 f"(one of {list(self.modalities)}), or a default_modality")
+                return None
             modality = int(self.default_modality)
         if isinstance(modality, str):
             modality = [modality] * batch_size
@@ -205,8 +204,8 @@ class McpPrompt(PromptKind):
         b, q, _ = boxes.shape
         corners, dense = prompt_encoder(points=None, boxes=boxes.reshape(b * q, 4), masks=None)  # [BQ, 2, D]
         tokens = [corners.view(b, q, 2, -1), self.class_tokens[None, :, None, :].expand(b, -1, -1, -1)]
-        if bool(self.use_modality):
-            index = self.modality_indices(prompts.get("modality"), b, boxes.device)
+        index = self.modality_indices(prompts.get("modality"), b, boxes.device)
+        if bool(self.use_modality) and index is not None:
             tokens.append(self.modality_tokens(index)[:, None, None, :].expand(-1, q, -1, -1))
         sparse = torch.cat(tokens, dim=2)  # [B, Q, T, D]
         dense = dense.expand(b * q, -1, -1, -1)

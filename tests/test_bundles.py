@@ -20,8 +20,8 @@ from medsaga_components.data import write_demo_dataset
 
 pytestmark = pytest.mark.slow
 BUNDLE = REPO / "bundles" / "medsaga"
-ALL_BUNDLES = ("medsaga", "samed", "ssam")
-PROMPT_OF = {"medsaga": "none", "samed": "none", "ssam": "class_tokens"}
+ALL_BUNDLES = ("medsaga", "samed", "ssam", "mcp_medsam")
+PROMPT_OF = {"medsaga": "none", "samed": "none", "ssam": "class_tokens", "mcp_medsam": "mcp"}
 
 
 @pytest.fixture(scope="module")

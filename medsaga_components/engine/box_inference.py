@@ -29,6 +29,7 @@ from monai.inferers import Inferer
 from torch import nn
 
 from ..data import SliceDataset
+from ..data.modalities import modality_index
 from ..data.square_resize import fit_to_square, square_logits_to_slice
 from ..evaluation import evaluate_slice_dataset
 from ..network import SamSegmenter
@@ -78,13 +79,17 @@ class TwoPassBoxSegmenter(SamSegmenter):
 
     Args:
         backbone, num_classes, checkpoint, image_size: as ``SamSegmenter``.
-        modalities, default_modality, modality_prompt, content_prompt: ``McpPrompt``'s.
+        modalities, default_modality, modality_prompt, content_prompt: ``McpPrompt``'s (the
+            switches and the default modality are then overwritten by the weights loaded).
+        modality: the modality of the images this network will segment (the inference bundle:
+            the one dataset.json declares), used for every call that gives none; None: the
+            model's default (the modality it was trained on).
     """
 
     def __init__(self, backbone: str = "lite_medsam", num_classes: int = 1, checkpoint: str | None = "pretrained",
                  image_size: int | None = None, modalities: Sequence[str] | None = None,
                  default_modality: str | None = None, modality_prompt: bool = True,
-                 content_prompt: bool = True) -> None:
+                 content_prompt: bool = True, modality: str | None = None) -> None:
         from ..backbones import build_backbone
 
         sam = build_backbone(backbone, image_size=image_size, checkpoint=checkpoint)
@@ -92,8 +97,13 @@ class TwoPassBoxSegmenter(SamSegmenter):
                            modality_prompt=modality_prompt, content_prompt=content_prompt,
                            default_modality=default_modality)
         super().__init__(sam, num_classes=num_classes, prompt=prompt)
+        if modality is not None:
+            modality_index(modality, prompt.modalities, where="modality")  # an undeclared one fails here
+        self.modality = modality
 
     def forward(self, image: torch.Tensor, prompts: Mapping[str, Any] | None = None) -> torch.Tensor:
+        if self.modality is not None and (prompts is None or "modality" not in prompts):
+            prompts = {**(prompts or {}), "modality": self.modality}
         if prompts is not None and "boxes" in prompts:
             return super().forward(image, prompts)
         return box_free_logits(super().forward, image, self.num_classes, self.image_size, prompts)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
-PROMPT_FROM_LABEL_KINDS = ("points", "boxes")
+PROMPT_FROM_LABEL_KINDS = ("points", "boxes", "mcp")  # mcp: MCP-MedSAM's boxes (prompts_mcp.py)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -131,7 +131,7 @@ def prompts_from_labels(labels: torch.Tensor, num_classes: int, kind: str = "poi
     if kind == "points":
         points, point_labels = points_from_labels(labels, num_classes, points_per_class, generator)
         prompts = {"points": points, "point_labels": point_labels, "present": (point_labels == 1).any(dim=-1)}
-    elif kind == "boxes":
+    elif kind in ("boxes", "mcp"):
         boxes, present = boxes_from_labels(labels, num_classes, jitter, generator)
         prompts = {"boxes": boxes, "present": present}
     else:
