@@ -75,6 +75,7 @@ class Manifest:
     validation: tuple[SliceRange, ...] = field(default_factory=tuple)
     test: tuple[SliceRange, ...] = field(default_factory=tuple)
     spacing: str = "random"  # "random" (seeded, stratified) or "even"; manifests before it had only "random"
+    synthesis: dict | None = None  # exemplar-guided synthesis settings (data/synthesis.py), when a bundle uses it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +95,7 @@ class Manifest:
             "slices": [asdict(ref) for ref in self.slices],
             "validation": [asdict(r) for r in self.validation],
             "test": [asdict(r) for r in self.test],
+            **({} if self.synthesis is None else {"synthesis": dict(self.synthesis)}),
         }
 
 
@@ -158,4 +160,5 @@ def read_manifest(path: str | Path) -> Manifest:
         validation=_items(raw, "validation", SliceRange, path),
         test=_items(raw, "test", SliceRange, path),
         spacing=_require(raw, "spacing", str, path) if "spacing" in raw else "random",
+        synthesis=_require(raw, "synthesis", dict, path) if "synthesis" in raw else None,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from ignite.engine import Engine, Events
@@ -39,10 +40,11 @@ class SaveBestPlainModel:
 class EvaluateOnTestVolumes:
     """When training completes: load the best plain model and evaluate it on the held-out
     test volumes (Dice and HD95 per class and volume, NIfTI predictions, overlays, report).
-    ``test_time_flips``: see ``evaluate_test_volumes``."""
+    ``test_time_flips``, ``prompts``: see ``evaluate_test_volumes``."""
 
     def __init__(self, network: nn.Module, model_path: str | Path, dataset: SliceDataset, output_dir: str | Path,
-                 device: str | torch.device = "cpu", batch_size: int = 4, test_time_flips: bool = False) -> None:
+                 device: str | torch.device = "cpu", batch_size: int = 4, test_time_flips: bool = False,
+                 prompts: Callable | None = None) -> None:
         self.network = network
         self.model_path = Path(model_path)
         self.dataset = dataset
@@ -50,6 +52,7 @@ class EvaluateOnTestVolumes:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.test_time_flips = test_time_flips
+        self.prompts = prompts
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.COMPLETED, self)
@@ -62,21 +65,36 @@ class EvaluateOnTestVolumes:
             logger.warning("%s not found: evaluating the final weights", self.model_path)
         network.to(self.device)
         summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size,
-                                        self.test_time_flips)
+                                        self.test_time_flips, self.prompts)
         logger.info("test mean Dice %.4f -> %s", summary["mean_dice"], self.output_dir)
         return summary
 
 
 def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir: str | Path,
                           device: str | torch.device = "cpu", batch_size: int = 4,
-                          test_time_flips: bool = False) -> dict:
+                          test_time_flips: bool = False, prompts: Callable | None = None) -> dict:
     """Predict every slice with ``network`` in eval mode and evaluate per volume: its class
     logits [B, N + 1, S, S] are resized to each slice's grid, then argmax (the same
     ``square_logits_to_labels`` as ``run inference``).
 
     ``test_time_flips``: the logits averaged over the four in-plane flips (``FlipAveraged``).
+    ``prompts``: for point/box methods, an ``engine.label_prompts.PromptsFromLabels`` whose
+    ``prompts(labels)`` gives each slice's prompts from its ground truth (the stand-in for a
+    user's clicks or boxes); flips do not mirror prompts, so they cannot be combined.
     """
     device = torch.device(device)
+    if prompts is not None:
+        if test_time_flips:
+            raise ValueError("test_time_flips cannot be combined with prompts (FlipAveraged does not mirror them): "
+                             "set test_time_flips false for a prompted bundle")
+
+        @torch.no_grad()
+        def predict_prompted(batch: dict) -> torch.Tensor:
+            given = {k: v.to(device) for k, v in prompts.prompts(batch["label"]).items()}
+            return network.eval()(batch["image"].to(device), given).float().cpu()
+
+        return evaluate_slice_dataset(dataset, predict_prompted, output_dir, batch_size=batch_size,
+                                      predict_from_batch=True)
     # eval(): batch norms (TinyViT's conv stage) must use their running statistics, not the
     # test batch's, and must not update them.
     network = with_test_time_flips(network.eval(), test_time_flips)
