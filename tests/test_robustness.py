@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from data_synthetic import write_dataset
 from medsaga_components.data import DatasetError, SliceDataset, SliceRef, read_image, validate_dataset
@@ -142,3 +144,62 @@ def test_cli_missing_required_argument_names_it(tmp_path, capsys):
         cli.main(["fewshot", "--dataset_json", str(tmp_path / "dataset.json")])
     assert info.value.code == 2
     assert "no value for the required argument: shots" in capsys.readouterr().err
+
+
+# --- outputs: normal permissions, errors naming the target ------------------------------------------
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield 0o022
+    os.umask(previous)
+
+
+def test_outputs_written_atomically_get_the_umask_permissions(tmp_path, umask_022):
+    from medsaga_components.data.atomic import write_json_atomic
+    from medsaga_components.engine import save_plain_model
+
+    manifest = write_json_atomic(tmp_path / "out" / "manifest.json", {"k": 5})
+    model = save_plain_model(torch.nn.Linear(2, 2), tmp_path / "models" / "model.pt")
+    for path in (manifest, model):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # readable by a serving process
+    os.umask(0o077)  # a user who asks for private files gets them
+    private = write_json_atomic(tmp_path / "out" / "private.json", {})
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "private.json"]
+
+
+def test_a_wrong_output_location_is_named_not_the_temporary_file(tmp_path):
+    from medsaga_components.data.atomic import OutputWriteError, write_json_atomic
+
+    (tmp_path / "report").write_text("a file where --out expects a folder")
+    target = tmp_path / "report" / "evaluation.json"
+    with pytest.raises(OutputWriteError, match=rf"cannot write {target}: {tmp_path / 'report'} is not a folder"):
+        write_json_atomic(target, {})
+    assert (tmp_path / "report").read_text() == "a file where --out expects a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_named(tmp_path):
+    from medsaga_components.data.atomic import OutputWriteError, write_json_atomic
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    target = folder / "manifest.json"
+    target.write_text("{}")
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputWriteError, match=rf"cannot write {target}: Permission denied") as info:
+            write_json_atomic(target, {"k": 1})
+        assert ".manifest.json." not in str(info.value)
+    finally:
+        folder.chmod(0o755)
+    assert target.read_text() == "{}"
+
+
+def test_the_demo_folder_is_readable_by_other_users(tmp_path, monkeypatch, umask_022):
+    from medsaga_components.data import demo, write_demo_dataset
+
+    monkeypatch.setattr(demo, "_write_into", lambda folder: (folder / "dataset.json").write_text("{}"))
+    json_path = Path(write_demo_dataset(str(tmp_path / "data" / "mni152_demo")))
+    assert stat.S_IMODE(json_path.parent.stat().st_mode) == 0o755  # not mkdtemp's 0700

@@ -36,6 +36,7 @@ import nibabel as nib
 import numpy as np
 
 from medsaga_components.data import demo_small_structures
+from medsaga_components.data.atomic import give_default_mode
 from medsaga_components.data.decathlon import DatasetError, validate_dataset
 from medsaga_components.data.slicing import crop_slab
 
@@ -234,6 +235,7 @@ def write_demo_dataset(out: str | None = None, overwrite: bool = False, task: st
                               "choose an empty or new folder, or pass --overwrite True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    give_default_mode(staging)  # mkdtemp's 0700 would hide the demo from other users once renamed
     try:
         writer(staging)
         if out_dir.exists():

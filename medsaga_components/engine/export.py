@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..data.atomic import atomic_path
 
 
 def merge_adapters(network: nn.Module) -> nn.Module:
@@ -30,12 +30,6 @@ def save_plain_model(network: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = plain_state_dict(network)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # readable by other users (umask), errors name ``path``
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
