@@ -118,7 +118,8 @@ def paste_into_boxes(features: torch.Tensor, boxes: torch.Tensor, grid_size: tup
     u = 2 * (xs[None, :] - flat[:, :1]) / span_x[:, None] - 1  # [M, w]: -1 at x0, +1 at x1
     v = 2 * (ys[None, :] - flat[:, 1:2]) / span_y[:, None] - 1  # [M, h]
     grid = torch.stack([u[:, None, :].expand(m, h, w), v[:, :, None].expand(m, h, w)], dim=-1)
-    return F.grid_sample(features, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    inside = (grid.abs() <= 1).all(dim=-1)[:, None]  # [M, 1, h, w]; bilinear sampling alone bleeds past the edge
+    return F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=True) * inside
 
 
 class McpPrompt(PromptKind):
