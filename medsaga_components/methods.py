@@ -9,7 +9,7 @@ defaults, so the methods they compare are the same.
 | ``medsaga`` | none | GaLore on attention/MLP weights, rest frozen | prompt encoder, mask decoder | GaLoreAdamW | 0.2 CE + 0.8 Dice |
 | ``samed`` | none | frozen + LoRA r=4 on q, v | prompt encoder, mask decoder | AdamW | 0.2 CE + 0.8 Dice |
 | ``ssam`` | class tokens | frozen + SVD scale/shift | norms, pos_embed, class-token prompts | AdamW | focal + Dice (sigmoid) |
-| ``cheap_lunch`` | points | frozen + LoRA r=4 on q, v | LoRA r=4 on the mask decoder's q/v projections, prompt encoder | AdamW | CE + 0.8 Dice |
+| ``cheap_lunch`` | points + class tokens | frozen + LoRA r=4 on q, v | LoRA r=4 on the mask decoder's q/v projections, prompt encoder | AdamW | CE + 0.8 Dice |
 | ``mcp_medsam`` | box + class, modality, content prompts | everything | everything | AdamW | Dice + BCE (sigmoid) |
 
 Rates are for few-shot runs of about 80 steps (the bundles' default schedule). The papers'
@@ -240,10 +240,12 @@ METHODS: dict[str, Method] = {
     # hypernetwork MLPs: 0.63 M of LiteMedSAM's 4.06 M decoder weights) and the prompt encoder
     # (6 K; LiteMedSAM learned from boxes, its point embeddings are SAM's) train in full: with
     # LoRA alone behind them the learn-something disk stayed at Dice 0.07 after 100 steps.
-    "cheap_lunch": Method("cheap_lunch", prompt="points",
+    # Points come with a learned class token per class (prompts.ClassPointPrompt), so that
+    # inference without clicks can find each class first (engine/point_inference.py).
+    "cheap_lunch": Method("cheap_lunch", prompt="class_points",
                           lora=((LoraConfig(rank=4, target_modules=("qkv",), qkv_parts=("q", "v")), "image_encoder"),
                                 (LoraConfig(rank=4, target_modules=("q_proj", "v_proj"), qkv_parts=None), "mask_decoder")),
-                          trained_in_full=CHEAP_LUNCH_TRAINED_IN_FULL, lr=1e-3, adapter_lr=2e-3, head_lr=None,
+                          trained_in_full=CHEAP_LUNCH_TRAINED_IN_FULL, lr=1e-3, adapter_lr=2e-3, head_lr=5e-3,
                           ce_weight=1.0),
     # MCP-MedSAM: full fine-tuning of LiteMedSAM and its prompt modules (box, class, modality and
     # content prompts: prompts_mcp.py) with AdamW at the paper's 2e-4 and weight decay 1e-3,

@@ -101,6 +101,41 @@ class PointPrompt(PromptKind):
         return PromptEmbeddings(sparse.view(b, q, *sparse.shape[1:]), dense.expand(b * q, -1, -1, -1).reshape(b, q, *dense.shape[1:]))
 
 
+class ClassPointPrompt(PointPrompt):
+    """Points as ``PointPrompt`` plus one learned **class token** per class (cheap_lunch).
+
+    SAM's point tokens say where, not which class: a click is read as "the object here",
+    whatever class its query stands for. The class token names the class, so a query still
+    means something without any click: with ``prompts["points"]`` missing every query is its
+    class token alone (SAM's "no point" padding beside it). Training sends a share of the
+    queries without clicks (``PromptsFromLabels(promptless_prob=...)``), and inference without
+    clicks runs that first, then clicks the middle of each class it found
+    (``engine.point_inference``). The tokens start like SAM's own prompt tokens (N(0, 1)).
+    This is this project's addition to Cheap Lunch's plain point prompts.
+    """
+
+    required_keys = ()
+
+    def __init__(self, num_classes: int, embed_dim: int) -> None:
+        super().__init__(num_classes, embed_dim)
+        self.class_tokens = nn.Parameter(torch.randn(num_classes, embed_dim))
+
+    def forward(self, prompt_encoder, batch_size, prompts):
+        prompts = dict(prompts or {})
+        if prompts.get("points") is None:  # no clicks: one padding point per query
+            device = self.class_tokens.device
+            prompts["points"] = torch.zeros(batch_size, self.num_classes, 1, 2, device=device)
+            prompts["point_labels"] = torch.full((batch_size, self.num_classes, 1), -1, dtype=torch.long, device=device)
+        elif prompts.get("point_labels") is None:
+            raise ValueError("prompts['points'] needs prompts['point_labels'] [B, N, P] (1 inside, 0 outside, -1 padding)")
+        if prompts["points"].shape[1] != self.num_classes:
+            raise ValueError(f"prompts['points'] must hold one query per class ({self.num_classes}), got "
+                             f"{tuple(prompts['points'].shape)} ([B, N, P, 2])")
+        sparse, dense = super().forward(prompt_encoder, batch_size, prompts)
+        tokens = self.class_tokens[None, :, None, :].expand(sparse.shape[0], -1, -1, -1).to(sparse.dtype)
+        return PromptEmbeddings(torch.cat([sparse, tokens], dim=2), dense)
+
+
 # Start scale of learned class embeddings. Through the default-initialised projection a unit
 # normal embedding becomes a token of norm about 9, the norm of SAM's own point tokens (about 11).
 # At 0.02 (norm 0.6) every class query looked alike to the pretrained decoder: the two demo
@@ -174,6 +209,7 @@ PROMPT_KINDS: dict[str, type[PromptKind]] = {
     "none": NoPrompt,
     "boxes": BoxPrompt,
     "points": PointPrompt,
+    "class_points": ClassPointPrompt,
     "class_tokens": ClassTokenPrompt,
 }
 from . import prompts_mcp  # noqa: E402,F401  (registers MCP-MedSAM's "mcp" kind in PROMPT_KINDS)

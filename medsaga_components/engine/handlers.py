@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from ..backbones.checkpoints import load_checkpoint, load_state_dict_strict
 from ..data import SliceDataset
 from ..evaluation import evaluate_slice_dataset
 from .export import merge_adapters, save_plain_model
@@ -60,7 +61,8 @@ class EvaluateOnTestVolumes:
     def __call__(self, engine: Engine | None = None) -> dict:
         network = merge_adapters(self.network)
         if self.model_path.is_file():
-            network.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True))
+            load_state_dict_strict(network, load_checkpoint(self.model_path, "model weights"), self.model_path,
+                                   "network")
         else:
             logger.warning("%s not found: evaluating the final weights", self.model_path)
         network.to(self.device)
@@ -80,7 +82,8 @@ def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir:
     ``test_time_flips``: the logits averaged over the four in-plane flips (``FlipAveraged``).
     ``prompts``: for point/box methods, an ``engine.label_prompts.PromptsFromLabels`` whose
     ``prompts(labels)`` gives each slice's prompts from its ground truth (the stand-in for a
-    user's clicks or boxes); flips do not mirror prompts, so they cannot be combined.
+    user's clicks or boxes), or an object whose ``logits(network, images)`` finds them itself
+    (``point_inference.AutomaticPoints``); flips do not mirror prompts, so they cannot be combined.
     """
     device = torch.device(device)
     if prompts is not None:
@@ -90,6 +93,8 @@ def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir:
 
         @torch.no_grad()
         def predict_prompted(batch: dict) -> torch.Tensor:
+            if hasattr(prompts, "logits"):  # prompts found without the ground truth (two passes)
+                return prompts.logits(network.eval(), batch["image"].to(device)).float().cpu()
             given = {k: v.to(device) for k, v in prompts.prompts(batch["label"]).items()}
             return network.eval()(batch["image"].to(device), given).float().cpu()
 

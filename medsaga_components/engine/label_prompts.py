@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
-PROMPT_FROM_LABEL_KINDS = ("points", "boxes", "mcp")  # mcp: MCP-MedSAM's boxes (prompts_mcp.py)
+PROMPT_FROM_LABEL_KINDS = ("points", "class_points", "boxes", "mcp")  # mcp: MCP-MedSAM's boxes (prompts_mcp.py)
+POINT_KINDS = ("points", "class_points")  # class_points: points plus class tokens (prompts.ClassPointPrompt)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -128,7 +129,7 @@ def prompts_from_labels(labels: torch.Tensor, num_classes: int, kind: str = "poi
                         points_per_class: int = 1, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The ``prompts`` dict ``SamSegmenter`` takes for ``kind``: ``{"points", "point_labels",
     "present"}`` or ``{"boxes", "present"}``, on the labels' device."""
-    if kind == "points":
+    if kind in POINT_KINDS:
         points, point_labels = points_from_labels(labels, num_classes, points_per_class, generator)
         prompts = {"points": points, "point_labels": point_labels, "present": (point_labels == 1).any(dim=-1)}
     elif kind in ("boxes", "mcp"):
@@ -151,10 +152,13 @@ class PromptsFromLabels:
         seed: None for the deterministic ground-truth prompts (validation, test: the stand-in
             for a user's clicks or boxes); an int for random prompts from a generator seeded
             once with it (training: new points, new jitter at every step, reproducibly).
+        promptless_prob: points only, with ``seed``: the share of queries sent without any
+            click (labels -1; the class stays present), for prompts that also name the class
+            (``ClassPointPrompt``) and must segment without clicks too.
     """
 
     def __init__(self, kind: str, num_classes: int, jitter: float = 0.0, points_per_class: int = 1,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, promptless_prob: float = 0.0) -> None:
         if kind not in PROMPT_FROM_LABEL_KINDS:
             raise ValueError(f"prompt kind must be one of {PROMPT_FROM_LABEL_KINDS}, got {kind!r}")
         if jitter < 0:
@@ -164,12 +168,20 @@ class PromptsFromLabels:
         self.jitter = float(jitter)
         self.points_per_class = int(points_per_class)
         self.seed = seed
+        if not 0.0 <= float(promptless_prob) <= 1.0 or (promptless_prob and kind not in POINT_KINDS):
+            raise ValueError(f"promptless_prob must be in [0, 1], for point prompts only; got {promptless_prob!r} "
+                             f"for {kind!r}")
+        self.promptless_prob = float(promptless_prob)
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
 
     def prompts(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The prompts for ``[B, 1, H, W]`` labels, on the labels' device."""
-        return prompts_from_labels(labels, self.num_classes, self.kind, self.jitter if self.generator else 0.0,
-                                   self.points_per_class, self.generator)
+        prompts = prompts_from_labels(labels, self.num_classes, self.kind, self.jitter if self.generator else 0.0,
+                                      self.points_per_class, self.generator)
+        if self.promptless_prob and self.generator is not None:
+            silent = torch.rand(prompts["point_labels"].shape[:2], generator=self.generator) < self.promptless_prob
+            prompts["point_labels"] = prompts["point_labels"].masked_fill(silent[..., None].to(labels.device), -1)
+        return prompts
 
     def __call__(self, batchdata: Mapping[str, Any], device: str | torch.device | None = None,
                  non_blocking: bool = False, **kwargs: Any):
