@@ -71,7 +71,8 @@ class SamSegmenter(nn.Module):
         return [*decoder.mask_tokens.parameters(), *decoder.output_hypernetworks_mlps.parameters(),
                 *decoder.iou_prediction_head.parameters()]
 
-    def forward(self, image: torch.Tensor, prompts: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, prompts: Mapping[str, torch.Tensor] | None = None,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits for ``image``.
 
         Args:
@@ -79,6 +80,8 @@ class SamSegmenter(nn.Module):
             prompts: inputs of the prompt kind, in pixels of the ``image_size`` frame
                 (for example ``{"boxes": [B, N, 4]}``); an optional ``"present"`` ``[B, N]``
                 bool marks classes absent from an image (their logits become ``ABSENT_CLASS_LOGIT``).
+            embeddings: the encoder's ``[B, D, h, w]`` for ``image`` when already computed
+                (two-pass inference decodes one image twice); None runs the encoder.
         Returns:
             ``[B, N + 1, H, W]`` logits.
         """
@@ -88,7 +91,7 @@ class SamSegmenter(nn.Module):
         out_hw = image.shape[-2:]
         if tuple(out_hw) != (size, size):
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-        embeddings = self.backbone.embed_images(image)  # [B, D, h, w]
+        embeddings = self.backbone.embed_images(image) if embeddings is None else embeddings  # [B, D, h, w]
         b = embeddings.shape[0]
         prompt_encoder = self.backbone.prompt_encoder
         if self.prompt.needs_image:  # content prompts read the image inside each box (prompts_mcp.py)

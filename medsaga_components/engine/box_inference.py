@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.inferers import Inferer
 from torch import nn
@@ -48,26 +49,38 @@ def _unwrapped(network: Any) -> Any:
     return getattr(network, "module", network)  # DistributedDataParallel keeps the network in .module
 
 
+def image_embeddings(network: SamSegmenter, image: torch.Tensor) -> torch.Tensor:
+    """The encoder's ``[B, D, h, w]`` for ``image``, resized to the network's side as its forward does."""
+    size = network.image_size
+    if tuple(image.shape[-2:]) != (size, size):
+        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+    return network.backbone.embed_images(image)
+
+
 def box_free_logits(forward: Callable[..., torch.Tensor], image: torch.Tensor, num_classes: int, image_size: int,
-                    prompts: Mapping[str, Any] | None = None) -> torch.Tensor:
+                    prompts: Mapping[str, Any] | None = None,
+                    embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """``[B, N + 1, H, W]`` logits of the second pass (see the module docstring).
 
     Args:
-        forward: ``(image, prompts) -> logits`` of a box-prompted ``SamSegmenter``.
+        forward: ``(image, prompts, **kw) -> logits`` of a box-prompted ``SamSegmenter``.
         image: ``[B, C, H, W]``; num_classes: N; image_size: S, the frame boxes are given in.
         prompts: other prompts for both passes (``modality``); boxes in it are refused.
+        embed: ``image -> embeddings`` (:func:`image_embeddings`): the encoder then runs once and
+            both passes decode its output (``forward(..., embeddings=)``); None: it runs per pass.
     """
     prompts = dict(prompts or {})
     if "boxes" in prompts:
         raise ValueError("box_free_logits finds the boxes itself; call the network with the boxes instead")
     b, _, h, w = image.shape
+    reuse = {} if embed is None else {"embeddings": embed(image)}
     first = forward(image, {**prompts, "boxes": whole_image_boxes(b, num_classes, image_size, image_size,
-                                                                    image.device)})
+                                                                    image.device)}, **reuse)
     boxes, present = boxes_from_labels(first.argmax(dim=1, keepdim=True), num_classes)  # in H x W pixels
     scale = torch.tensor([image_size / w, image_size / h] * 2)
     boxes = (boxes + 0.5) * scale - 0.5  # pixel centres of the H x W frame -> the S x S frame
     boxes = torch.minimum(boxes.clamp(min=0.0), torch.tensor([image_size - 1.0] * 4))
-    return forward(image, {**prompts, "boxes": boxes.to(image.device), "present": present.to(image.device)})
+    return forward(image, {**prompts, "boxes": boxes.to(image.device), "present": present.to(image.device)}, **reuse)
 
 
 class TwoPassBoxSegmenter(SamSegmenter):
@@ -106,7 +119,8 @@ class TwoPassBoxSegmenter(SamSegmenter):
             prompts = {**(prompts or {}), "modality": self.modality}
         if prompts is not None and "boxes" in prompts:
             return super().forward(image, prompts)
-        return box_free_logits(super().forward, image, self.num_classes, self.image_size, prompts)
+        return box_free_logits(super().forward, image, self.num_classes, self.image_size, prompts,
+                               embed=lambda x: image_embeddings(self, x))
 
 
 class TwoPassInferer(Inferer):
@@ -116,8 +130,8 @@ class TwoPassInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  prompts: Mapping[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
         module = _unwrapped(network)
-        return box_free_logits(lambda image, p: network(image, p), inputs, module.num_classes, module.image_size,
-                               prompts)
+        return box_free_logits(lambda image, p, **kw: network(image, p, **kw), inputs, module.num_classes,
+                               module.image_size, prompts, embed=lambda x: image_embeddings(module, x))
 
 
 class BoxPromptInferer(Inferer):
