@@ -29,7 +29,7 @@ from torch import nn
 from .adapters import LoraConfig, SvdConfig, adapter_parameters, inject_lora, inject_svd, mark_trainable
 from .adapters.base import has_prefix
 from .backbones import build_backbone
-from .backbones.checkpoints import load_state_dict_strict, read_state_dict
+from .backbones.checkpoints import load_checkpoint, load_state_dict_strict, read_state_dict
 from .engine.schedules import warmup_poly_scheduler
 from .losses import DiceBceLoss
 from .network import SamSegmenter
@@ -142,7 +142,7 @@ class Method:
             return PROMPT_KINDS[self.prompt](num_classes, embed_dim, **options)
         start = None
         if class_embeddings:
-            start = torch.load(class_embeddings, map_location="cpu", weights_only=True)
+            start = load_checkpoint(class_embeddings, "class embeddings")
         elif class_names:
             if len(class_names) != num_classes:
                 raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")

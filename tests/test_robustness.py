@@ -203,3 +203,82 @@ def test_the_demo_folder_is_readable_by_other_users(tmp_path, monkeypatch, umask
     monkeypatch.setattr(demo, "_write_into", lambda folder: (folder / "dataset.json").write_text("{}"))
     json_path = Path(write_demo_dataset(str(tmp_path / "data" / "mni152_demo")))
     assert stat.S_IMODE(json_path.parent.stat().st_mode) == 0o755  # not mkdtemp's 0700
+
+
+# --- unsafe pickles: refused at every load site, naming the file, never advising to disable the check
+
+class _RunsCode:
+    """What a malicious checkpoint holds: unpickling it would create a folder (here, harmlessly)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def _load_sites(tmp_path):
+    """Every place the package reads a PyTorch file, as a user reaches it."""
+    from medsaga_components.backbones import build_backbone
+    from medsaga_components.engine import EvaluateOnTestVolumes, check_model_file, load_plain_model
+    from medsaga_components.engine.training_setup import prepare_training
+    from medsaga_components.methods import get_method
+    from medsaga_components.network import SamSegmenter
+
+    def resume(path):
+        (tmp_path / "checkpoints").mkdir(exist_ok=True)
+        shutil.copy(path, tmp_path / "checkpoints" / "checkpoint_epoch=1.pt")
+        trainer = _tiny_trainer()
+        prepare_training(trainer, trainer.network, trainer.optimizer, None, tmp_path / "checkpoints", resume=True)
+
+    return {
+        "backbone checkpoint": lambda path: build_backbone("lite_medsam_tiny", checkpoint=path),
+        "inference model check": check_model_file,
+        "evaluation model": lambda path: load_plain_model(SamSegmenter("lite_medsam_tiny", 2, checkpoint=None,
+                                                                       image_size=64), path),
+        "test evaluation after training": lambda path: EvaluateOnTestVolumes(
+            SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64), path, dataset=None, output_dir=tmp_path / "eval")(),
+        "class embeddings": lambda path: get_method("ssam").build_prompt(2, 256, class_embeddings=str(path)),
+        "resume": resume,
+    }
+
+
+def _tiny_trainer():
+    from monai.engines import SupervisedTrainer
+
+    net = torch.nn.Linear(1, 1)
+    return SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[{"image": torch.zeros(1),
+                             "label": torch.zeros(1)}], network=net, optimizer=torch.optim.SGD(net.parameters(), 0.1),
+                             loss_function=torch.nn.MSELoss())
+
+
+@pytest.mark.parametrize("site", ["backbone checkpoint", "inference model check", "evaluation model",
+                                  "test evaluation after training", "class embeddings", "resume"])
+def test_an_unsafe_pickle_is_refused_naming_the_file(tmp_path, site):
+    from medsaga_components.backbones.checkpoints import UnsafeCheckpointError
+
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "model.pt"
+    torch.save({"state_dict": _RunsCode(marker)}, evil)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        _load_sites(tmp_path)[site](evil)
+    message = str(info.value)
+    assert "refused as unsafe" in message and "posix.mkdir" in message
+    assert str(evil) in message or str(tmp_path / "checkpoints" / "checkpoint_epoch=1.pt") in message
+    assert "weights_only" not in message and info.value.__cause__ is None  # torch's advice is not passed on
+    assert not marker.exists()
+
+
+def test_a_corrupt_checkpoint_is_not_called_unsafe(tmp_path):
+    from medsaga_components.backbones.checkpoints import CheckpointError, UnsafeCheckpointError, load_checkpoint
+
+    good = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(3)}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    for path in (truncated, tmp_path / "garbage.pt"):
+        if path.name == "garbage.pt":
+            path.write_bytes(b"not a checkpoint")
+        with pytest.raises(CheckpointError, match=f"{path} could not be read as a PyTorch file") as info:
+            load_checkpoint(path)
+        assert not isinstance(info.value, UnsafeCheckpointError) and "weights_only" not in str(info.value)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from ..backbones.checkpoints import load_checkpoint, load_state_dict_strict
 from .cpu_allocator import keep_freed_cpu_memory
 from .experiment import FewShotExperiment
 from .export import merge_adapters, plain_state_dict, save_plain_model
@@ -38,16 +38,19 @@ def find_bundle_root(name: str) -> str:
 
 
 def check_model_file(path: str | Path) -> None:
-    """Fail before inference starts when the trained weights are missing."""
+    """Fail before inference starts when the trained weights are missing, unreadable or unsafe
+    (read once here through ``load_checkpoint``, so the error names the file)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"model weights not found: {path} (run training first, or pass --model_path)")
+    load_checkpoint(path, "model weights")
 
 
 def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
     """``network`` with adapters merged and the plain weights of ``path`` loaded (strict)."""
-    check_model_file(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model weights not found: {path} (run training first, or pass --model_path)")
     plain = merge_adapters(network)
-    plain.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    load_state_dict_strict(plain, load_checkpoint(path, "model weights"), path, "network")
     return plain
 
 

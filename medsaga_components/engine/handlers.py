@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from ..backbones.checkpoints import load_checkpoint, load_state_dict_strict
 from ..data import SliceDataset
 from ..evaluation import evaluate_slice_dataset
 from .export import merge_adapters, save_plain_model
@@ -60,7 +61,8 @@ class EvaluateOnTestVolumes:
     def __call__(self, engine: Engine | None = None) -> dict:
         network = merge_adapters(self.network)
         if self.model_path.is_file():
-            network.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True))
+            load_state_dict_strict(network, load_checkpoint(self.model_path, "model weights"), self.model_path,
+                                   "network")
         else:
             logger.warning("%s not found: evaluating the final weights", self.model_path)
         network.to(self.device)
