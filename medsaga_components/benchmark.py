@@ -63,6 +63,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .data.atomic import write_text_atomic
 from .engine.cpu_allocator import TRIM_THRESHOLD_BYTES
 from .engine.memory import MemoryConfig, enable_memory_efficient_training, encoder_segments, set_segment_forwards
 from .engine.label_prompts import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
@@ -355,10 +356,10 @@ def benchmark_command(backbone: str = "lite_medsam", image_size: int | None = No
         "methods": results,
         "ratios": reference_ratios(results),
     }
-    (out_dir / "benchmark.json").write_text(json.dumps(report, indent=2))
+    # Atomic: a benchmark stopped while writing leaves the previous report, never half of one.
+    write_text_atomic(out_dir / "benchmark.json", json.dumps(report, indent=2))
     markdown = render_markdown(report)
-    md_path = out_dir / "benchmark.md"
-    md_path.write_text(markdown)
+    md_path = write_text_atomic(out_dir / "benchmark.md", markdown)
     print(markdown)
     failed = [name for name, result in results.items() if "error" in result]
     if failed:
@@ -528,7 +529,7 @@ def _worker_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = run_worker(args.method, args.backbone, args.image_size, args.batch, args.steps, args.device,
                         num_classes=args.num_classes, seed=args.seed, checkpoint=args.checkpoint, threads=args.threads)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    write_text_atomic(args.json, json.dumps(result, indent=2))  # the parent never reads half a result
 
 
 if __name__ == "__main__":

@@ -282,3 +282,64 @@ def test_a_corrupt_checkpoint_is_not_called_unsafe(tmp_path):
         with pytest.raises(CheckpointError, match=f"{path} could not be read as a PyTorch file") as info:
             load_checkpoint(path)
         assert not isinstance(info.value, UnsafeCheckpointError) and "weights_only" not in str(info.value)
+
+
+# --- atomic writes: predictions of run inference, the benchmark's report -----------------------------
+
+def _prediction(tmp_path):
+    from monai.data import MetaTensor
+
+    labels = torch.zeros(1, 6, 5, 4)
+    labels[0, 2:4] = 1
+    return {"pred": MetaTensor(labels, affine=torch.diag(torch.tensor([2.0, 1.0, 1.5, 1.0])),
+                               meta={"filename_or_obj": str(tmp_path / "case7.nii.gz")})}
+
+
+def test_run_inference_predictions_are_written_atomically(tmp_path, monkeypatch, umask_022):
+    import medsaga_components.engine  # noqa: F401  (what bundle configs import: registers the writer)
+    from monai.transforms import SaveImaged
+
+    from medsaga_components.engine import AtomicNibabelWriter
+
+    def saver():
+        return SaveImaged(keys="pred", output_dir=str(tmp_path / "out"), output_postfix="seg", output_dtype=np.uint8,
+                          resample=False, separate_folder=False, print_log=False)
+
+    target = tmp_path / "out" / "case7_seg.nii.gz"
+    saver()(_prediction(tmp_path))
+    assert isinstance(saver().saver.writers[0](), AtomicNibabelWriter)
+    written = nib.load(target)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), _prediction(tmp_path)["pred"][0].numpy())
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    before = target.read_bytes()
+
+    def interrupted(image, filename):  # the process stops halfway through the file
+        Path(filename).write_bytes(b"\x1f\x8b partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nib, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        writer = AtomicNibabelWriter(output_dtype=np.uint8)
+        writer.set_data_array(_prediction(tmp_path)["pred"], channel_dim=0)
+        writer.write(target)
+    assert target.read_bytes() == before  # the previous prediction, not half a new one
+    assert sorted(p.name for p in target.parent.iterdir()) == ["case7_seg.nii.gz"]
+
+
+def test_benchmark_report_is_written_atomically(tmp_path, monkeypatch):
+    """How the report is written, not what it measures: the workers and the table are replaced
+    (tests/test_benchmark.py runs the real ones)."""
+    from medsaga_components import benchmark
+
+    monkeypatch.setattr(benchmark, "reference_ratios", lambda results: {})
+    result = {"method": "samed", "trainable_parameters": 1, "optimizer_state_bytes": 2, "peak_memory_bytes": 3,
+              "median_step_seconds": 0.5}
+    monkeypatch.setattr(benchmark, "_run_in_fresh_process", lambda name, *a, **k: {**result, "method": name})
+    monkeypatch.setattr(benchmark, "render_markdown", lambda report: "| table |\n")
+    written = []
+    real = benchmark.write_text_atomic
+    monkeypatch.setattr(benchmark, "write_text_atomic", lambda path, text: written.append(Path(path).name)
+                        or real(path, text))
+    benchmark.benchmark_command(methods="samed", out=str(tmp_path / "bench"), steps=1)
+    assert written == ["benchmark.json", "benchmark.md"]
+    assert json.loads((tmp_path / "bench" / "benchmark.json").read_text())["methods"]["samed"]["method"] == "samed"

@@ -14,12 +14,15 @@ from .export import merge_adapters, plain_state_dict, save_plain_model
 from .flips import FlipAveraged, with_test_time_flips
 from .handlers import EvaluateOnTestVolumes, SaveBestPlainModel, evaluate_test_volumes
 from .memory import MemoryConfig, enable_memory_efficient_training
+from .prediction_writer import AtomicNibabelWriter, register_atomic_nifti_writer
 from .schedules import warmup_poly_scheduler
 from .slice_inferer import SquareSliceInferer
 from .stopping import TrainUntilPlateau
 from .training_setup import prepare_training
 from .transforms import ScaleIntensityForModalityd
 from .volumes import dataset_modality, list_volumes
+
+register_atomic_nifti_writer()  # run inference's SaveImaged writes predictions atomically (prediction_writer.py)
 
 
 def find_bundle_root(name: str) -> str:
@@ -54,7 +57,7 @@ def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
     return plain
 
 
-__all__ = ["FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
+__all__ = ["AtomicNibabelWriter", "FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
            "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer", "TrainUntilPlateau",
            "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "check_model_file", "prepare_training",
            "list_volumes", "dataset_modality", "FlipAveraged", "with_test_time_flips", "keep_freed_cpu_memory"]
