@@ -54,7 +54,13 @@ def test_time_cap_stops_at_the_end_of_an_epoch(tmp_path):
     assert record["stopped_by"].startswith("time cap") and record["seconds"] >= 0.05
 
 
-@pytest.mark.parametrize("kwargs, key", [({"patience": -1}, "patience"), ({"max_minutes": 0}, "max_minutes")])
+@pytest.mark.parametrize("kwargs, key", [({"patience": -1}, "patience"), ({"max_minutes": 0}, "max_minutes"),
+                                         ({"max_minutes": "half an hour"}, "max_minutes")])
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         TrainUntilPlateau(Engine(lambda e, b: None), **kwargs)
+
+
+def test_null_from_the_command_line_switches_a_limit_off():
+    handler = TrainUntilPlateau(Engine(lambda e, b: None), patience="null", max_minutes="null")
+    assert handler.patience == 0 and handler.max_seconds is None

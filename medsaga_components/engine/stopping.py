@@ -41,14 +41,16 @@ class TrainUntilPlateau:
 
     def __init__(self, evaluator: Engine, patience: int | None = 4, min_delta: float = 0.002,
                  max_minutes: float | None = None, summary_path: str | Path | None = None) -> None:
-        if patience is not None and int(patience) < 0:
+        patience = _number_or_none("patience", patience, int)
+        max_minutes = _number_or_none("max_minutes", max_minutes, float)
+        if patience is not None and patience < 0:
             raise ValueError(f"patience must be >= 0 (0 or null: never stop early), got {patience!r}")
-        if max_minutes is not None and float(max_minutes) <= 0:
+        if max_minutes is not None and max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive (or null: no time cap), got {max_minutes!r}")
         self.evaluator = evaluator
-        self.patience = int(patience or 0)
+        self.patience = patience or 0
         self.min_delta = float(min_delta)
-        self.max_seconds = None if max_minutes is None else 60.0 * float(max_minutes)
+        self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.summary_path = None if summary_path is None else Path(summary_path)
         self.best = -float("inf")
         self.best_epoch = 0
@@ -107,6 +109,17 @@ class TrainUntilPlateau:
                     record["best_validation"], record["best_epoch"])
         if self.summary_path is not None and _is_first_process():
             write_json_atomic(self.summary_path, record)
+
+
+def _number_or_none(key: str, value, kind: type):
+    """``value`` as ``kind``; None for None or the strings "null"/"none" (what a command line
+    such as ``--max_minutes null`` passes through)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "")):
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number or null, got {value!r}") from None
 
 
 def _is_first_process() -> bool:
