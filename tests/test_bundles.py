@@ -1,6 +1,7 @@
 """The bundles end to end, as users run them: properties, training, evaluation, inference,
-resume, torchrun, metadata. Every bundle gets the core checks; the run-mechanics checks that
-are the same code for all (resume, torchrun, bad overrides) run on medsaga."""
+resume, torchrun, metadata. Every bundle gets the core checks, and every folder of bundles/
+MONAI's own checks (metadata schema, network in/out, torchrun); the run-mechanics checks that
+are the same code for all (resume, bad overrides) run on medsaga."""
 
 import json
 import shutil
@@ -22,6 +23,9 @@ pytestmark = pytest.mark.slow
 BUNDLE = REPO / "bundles" / "medsaga"
 ALL_BUNDLES = ("medsaga", "samed", "ssam", "mcp_medsam")
 PROMPT_OF = {"medsaga": "none", "samed": "none", "ssam": "class_tokens", "mcp_medsam": "mcp"}
+# Every bundle folder: MONAI's own checks (verify_metadata, verify_net_in_out, torchrun) and
+# MONAI Label's keys cover new bundles as soon as they exist.
+DISCOVERED = tuple(sorted(p.parent.name for p in (REPO / "bundles").glob("*/configs")))
 
 
 @pytest.fixture(scope="module")
@@ -150,18 +154,19 @@ def test_bad_overrides_fail_with_the_key_named(tmp_path, demo_dir):
     assert done.returncode != 0 and "missing.nii.gz" in done.stderr
 
 
-def test_torchrun_two_processes(tmp_path, demo_dir):
+@pytest.mark.parametrize("bundle", DISCOVERED)
+def test_torchrun_two_processes(bundle, tmp_path, demo_dir):
     """Real distributed training: two CPU processes with the gloo backend."""
-    shutil.copytree(BUNDLE / "configs", tmp_path / "configs")
+    shutil.copytree(REPO / "bundles" / bundle / "configs", tmp_path / "configs")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-    run_bundle("training", configs("medsaga", "train", "multi_gpu_train"), "--bundle_root", str(tmp_path),
+    run_bundle("training", configs(bundle, "train", "multi_gpu_train"), "--bundle_root", str(tmp_path),
                "--dataset_dir", str(demo_dir), *TINY_TRAINING, launcher=launcher)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state), "the exported model must be the unwrapped network"
     assert (tmp_path / "eval" / "evaluation.json").is_file()
 
 
-@pytest.mark.parametrize("bundle", ALL_BUNDLES)
+@pytest.mark.parametrize("bundle", DISCOVERED)
 def test_metadata_and_network_io_verify(bundle):
     folder = REPO / "bundles" / bundle
     meta = str(folder / "configs" / "metadata.json")
@@ -173,3 +178,29 @@ def test_metadata_and_network_io_verify(bundle):
                            "--backbone", "lite_medsam_tiny"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0 and "data shape of network is verified with no error" in (done.stdout + done.stderr), \
         done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("bundle", DISCOVERED)
+def test_keys_monai_labels_bundle_tasks_read(bundle):
+    """What MONAI Label's BundleInferTask/BundleTrainTask read and override (monailabel 0.8.5
+    tasks/infer/bundle.py, tasks/train/bundle.py), checked with MONAI's ConfigParser."""
+    from monai.bundle import ConfigParser
+
+    folder = REPO / "bundles" / bundle / "configs"
+    meta = json.loads((folder / "metadata.json").read_text())["network_data_format"]
+    assert next(iter(meta["inputs"])) == "image" and next(iter(meta["outputs"])) == "pred"
+    pred = meta["outputs"]["pred"]
+    assert pred["channel_def"]["0"] == "background" and len(pred["channel_def"]) == pred["num_channels"]
+    assert len(pred["spatial_shape"]) == 2
+    inference = ConfigParser()
+    inference.read_config(str(folder / "inference.json"))
+    for key in ("device", "bundle_root", "network_def", "preprocessing", "postprocessing", "inferer"):
+        assert key in inference, key
+    # Overridable training keys (MONAI Label sets them before `run`). Not yet: train#dataset#data
+    # and validate#dataset#data, since the few-shot datasets come from dataset_dir.
+    for key, value in (("bundle_root", "/b"), ("device", "cpu"), ("train#trainer#max_epochs", 3), ("train#handlers", [])):
+        train = ConfigParser()
+        train.read_config(str(folder / "train.json"))
+        train[key] = value
+        assert train[key] == value
+    assert "network" in train
