@@ -45,9 +45,10 @@ def concurrent_infers(client: LabelClient, model: str, image_id: str, requests: 
     seconds = time.perf_counter() - started
     latencies = [r[1] for r in results]
     errors = [r[2] for r in results if r[2]]
+    answered = requests - len(errors)
     return [r[0] for r in results if r[0] is not None], {
         "requests": requests, "workers": workers, "errors": len(errors), "first_error": errors[0] if errors else None,
-        "seconds": round(seconds, 2), "throughput_per_s": round(requests / seconds, 3),
+        "seconds": round(seconds, 2), "answered_per_s": round(answered / seconds, 3),
         "latency_median_s": round(statistics.median(latencies), 2), "latency_max_s": round(max(latencies), 2)}
 
 
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--workers", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads of the server")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait for its answer")
     args = parser.parse_args()
 
     import nibabel as nib
@@ -90,6 +92,7 @@ def main() -> None:
         with LabelServer(python, work / "studies", work / "bundles", work / "server.log", {"overrides": overrides},
                          threads=args.threads) as server:
             server.wait_until_up(600)
+            server.client.timeout = args.timeout
             server.client.upload_image("mni_t1", work / "data" / "mni_t1.nii.gz")
             started = time.perf_counter()
             reference = server.client.infer(args.bundle, "mni_t1")[0]
@@ -98,7 +101,7 @@ def main() -> None:
             answers, figures = concurrent_infers(server.client, args.bundle, "mni_t1", args.requests, args.workers)
             reference_labels = _labels(reference)
             figures.update({
-                "all_correct": figures["errors"] == 0 and all(np.array_equal(_labels(a), reference_labels) for a in answers),
+                "answers_equal_to_the_single_answer": sum(np.array_equal(_labels(a), reference_labels) for a in answers),
                 "bundle": args.bundle, "backbone": args.backbone, "image_size": args.image_size,
                 "volume": list(volume.shape), "server_threads": args.threads, "single_request_s": round(single, 2),
                 "server_peak_rss_mb_after_one_request": round(rss_before / 2**20),
