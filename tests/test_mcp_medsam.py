@@ -17,6 +17,7 @@ from medsaga_components.engine.box_inference import (
     BoxPromptInferer,
     TwoPassBoxSegmenter,
     box_free_logits,
+    evaluate_box_prompted,
     segment_slice_with_boxes,
 )
 from medsaga_components.methods import build_network
@@ -243,3 +244,13 @@ def test_two_pass_network_loads_the_plain_weights_and_needs_no_prompts():
     assert out.shape == (2, 3, SIZE, SIZE) and torch.isfinite(out).all()
     torch.testing.assert_close(out, second)
     torch.testing.assert_close(boxed, net(image, {"boxes": BOXES.repeat(2, 1, 1)}))
+
+
+@pytest.mark.parametrize("boxes", ["box_free", "ground_truth", "first_pass"])
+def test_test_evaluation_scores_every_box_source_with_each_cases_modality(boxes, mixed_dataset, tmp_path):
+    refs = [SliceRef("imagesTr/case3.nii.gz", "labelsTr/case3.nii.gz", 2, z) for z in range(6, 10)]
+    dataset = SliceDataset(mixed_dataset, refs, image_size=SIZE)
+    summary = evaluate_box_prompted(_network(), dataset, tmp_path, boxes=boxes, test_time_flips=boxes != "ground_truth")
+    assert 0.0 <= summary["mean_dice"] <= 1.0 and (tmp_path / "evaluation.json").is_file()
+    with pytest.raises(ValueError, match="boxes must be one of"):
+        evaluate_box_prompted(_network(), dataset, tmp_path, boxes="user")

@@ -42,7 +42,7 @@ from .label_prompts import boxes_from_labels
 
 logger = logging.getLogger(__name__)
 
-TEST_BOXES = ("box_free", "ground_truth")
+TEST_BOXES = ("box_free", "ground_truth", "first_pass")
 
 
 def _unwrapped(network: Any) -> Any:
@@ -239,8 +239,10 @@ def evaluate_box_prompted(network: nn.Module, dataset: SliceDataset, output_dir:
                           boxes: str = "box_free", modalities: Sequence[str] | None = None) -> dict:
     """``evaluate_test_volumes`` for box-prompted networks: every slice with its case's modality,
     and ``boxes`` ``"box_free"`` (two passes; the four in-plane flips averaged when
-    ``test_time_flips``) or ``"ground_truth"`` (each class's tight box from the label, the
-    stand-in for a user's boxes; no flips: a box would have to be mirrored with its view)."""
+    ``test_time_flips``), ``"ground_truth"`` (each class's tight box from the label, the
+    stand-in for a user's boxes; no flips: a box would have to be mirrored with its view) or
+    ``"first_pass"`` (the whole image as every class's box, box-free inference without its
+    second pass: what the second pass adds; flips as for ``"box_free"``)."""
     if boxes not in TEST_BOXES:
         raise ValueError(f"boxes must be one of {TEST_BOXES}, got {boxes!r}")
     device = torch.device(device)
@@ -254,6 +256,11 @@ def evaluate_box_prompted(network: nn.Module, dataset: SliceDataset, output_dir:
         images = batch["image"].to(device)
         if boxes == "ground_truth":
             return network(images, prompts).float().cpu()
+        if boxes == "first_pass":
+            whole = whole_image_boxes(images.shape[0], module.num_classes, module.image_size, module.image_size, device)
+            view = with_test_time_flips(_WithPrompts(network, {"modality": prompts["modality"], "boxes": whole}),
+                                        test_time_flips)
+            return view(images).float().cpu()
         view = with_test_time_flips(_WithPrompts(_box_free_network(network, module),
                                                  {"modality": prompts["modality"]}), test_time_flips)
         return view(images).float().cpu()
