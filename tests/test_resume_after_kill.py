@@ -149,3 +149,23 @@ def test_a_restored_best_metric_keeps_a_better_model_pt(tmp_path):
     fresh = _evaluator(tmp_path / "fresh" / "model.pt")
     fresh.run(4)
     assert (tmp_path / "fresh" / "model.pt").exists()  # a worse model would have replaced the better one
+
+
+def test_resume_refuses_other_few_shot_slices(tmp_path):
+    """A restart whose settings select other slices would silently train on another task."""
+    from data_synthetic import write_dataset
+    from medsaga_components.backbones.checkpoints import CheckpointError
+    from medsaga_components.data import SliceDataset, SliceRef
+    from medsaga_components.engine.training_setup import FewShotSlices
+
+    dataset_json = write_dataset(tmp_path, n_training=1)
+
+    def slices(*indices):
+        return SliceDataset(dataset_json, [SliceRef("imagesTr/case0.nii.gz", "labelsTr/case0.nii.gz", 2, i)
+                                           for i in indices], image_size=32)
+
+    saved = FewShotSlices(slices(5, 9)).state_dict()
+    FewShotSlices(slices(5, 9)).load_state_dict(saved)  # the same selection resumes
+    with pytest.raises(CheckpointError, match=r"trained on 2 few-shot slices .* selected 3 .*"
+                                              r"\['imagesTr/case0.nii.gz', 'labelsTr/case0.nii.gz', 2, 9\] vs .* 10\]"):
+        FewShotSlices(slices(5, 10, 12)).load_state_dict(saved)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -237,7 +238,8 @@ def _load_sites(tmp_path):
         "evaluation model": lambda path: load_plain_model(SamSegmenter("lite_medsam_tiny", 2, checkpoint=None,
                                                                        image_size=64), path),
         "test evaluation after training": lambda path: EvaluateOnTestVolumes(
-            SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64), path, dataset=None, output_dir=tmp_path / "eval")(),
+            SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64), path, dataset=None,
+            output_dir=tmp_path / "eval")(),
         "class embeddings": lambda path: get_method("ssam").build_prompt(2, 256, class_embeddings=str(path)),
         "resume": resume,
     }
@@ -343,3 +345,155 @@ def test_benchmark_report_is_written_atomically(tmp_path, monkeypatch):
     benchmark.benchmark_command(methods="samed", out=str(tmp_path / "bench"), steps=1)
     assert written == ["benchmark.json", "benchmark.md"]
     assert json.loads((tmp_path / "bench" / "benchmark.json").read_text())["methods"]["samed"]["method"] == "samed"
+
+
+# --- the whole list: every class of bad input stops a bundle's training before it starts ------------
+#
+# Each case runs the medsaga bundle's train.json as `monai.bundle run training` does (in-process,
+# ConfigWorkflow), in a bundle folder holding a previous run's outputs. It must fail in
+# `initialize`, before the trainer runs, with a message naming the file or key and what was
+# expected, and leave every file of the dataset and the bundle folder as it was.
+
+CASES = {
+    "truncated image": (r"imagesTr/case1.nii.gz: voxel data cannot be read .* truncated or corrupt", {}),
+    "truncated label": (r"labelsTr/case1.nii.gz: voxel data cannot be read .* truncated or corrupt", {}),
+    "shape mismatch": (r"labelsTr/case1.nii.gz: label shape \(40, 32, 23\) differs from image .* expected the same "
+                       r"grid", {}),
+    "affine mismatch": (r"labelsTr/case1.nii.gz: label affine differs from image .* expected the same voxel-to-world",
+                        {}),
+    "4-D image": (r"imagesTr/case1.nii.gz: shape \(40, 32, 24, 2\), expected a single-channel 2-D or 3-D image", {}),
+    "NaN intensities": (r"imagesTr/case1.nii.gz: 13 of 30720 voxels are not finite .* expected finite intensities",
+                        {}),
+    "undeclared label": (r"labelsTr/case1.nii.gz: label values \[7\] are not declared in 'labels'", {}),
+    "empty dataset": (r"dataset.json: 'training' is empty, expected at least one labelled image", {}),
+    "too many shots": (r"requested 500 few-shot slices, but only \d+ labelled slices", {"shots": 500}),
+    "unknown backbone": (r"unknown backbone 'vit_x'", {"backbone": "vit_x"}),
+    "unknown method": (r"unknown method 'medsagaa'; expected one of", {"method": "medsagaa"}),
+    "unknown strategy": (r"strategy must be one of .* got 'sometimes'", {"fewshot_strategy": "sometimes"}),
+    "checkpoint of another architecture": (r"other_architecture.pth does not fit the lite_medsam_tiny at 64 px architecture; missing keys",
+                                           {"checkpoint": "{root}/other_architecture.pth"}),
+    "unsafe pickle": (r"evil.pth is refused as unsafe", {"checkpoint": "{root}/evil.pth"}),
+}
+
+
+def _break_dataset(root, case):
+    from data_synthetic import affine_with_spacing, save
+
+    image, label = root / "imagesTr" / "case1.nii.gz", root / "labelsTr" / "case1.nii.gz"
+    labels = np.asarray(nib.load(label).dataobj)
+    if case.startswith("truncated"):
+        _truncate(image if case == "truncated image" else label)
+    elif case == "shape mismatch":
+        save(labels[:, :, :-1], affine_with_spacing(), label)
+    elif case == "affine mismatch":
+        save(labels, affine_with_spacing(origin=(0.0, 0.0, 0.0)), label)
+    elif case == "4-D image":
+        data = nib.load(image).get_fdata().astype(np.float32)
+        save(np.stack([data, data], axis=-1), affine_with_spacing(), image)
+    elif case == "NaN intensities":
+        _with_nonfinite(image)
+    elif case == "undeclared label":
+        labels = labels.copy()
+        labels[0, 0, 0] = 7
+        save(labels, affine_with_spacing(), label)
+    elif case == "empty dataset":
+        raw = json.loads((root / "dataset.json").read_text())
+        raw["training"] = []
+        (root / "dataset.json").write_text(json.dumps(raw))
+
+
+def _chain(error):
+    """The messages of ``error`` and of the errors it was raised from, as the traceback prints them."""
+    messages = []
+    while error is not None:
+        messages.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
+
+
+def _files(*folders):
+    """Every file under ``folders`` -> its bytes' sha256 (what 'nothing changed' compares)."""
+    import hashlib
+
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in sorted(f.rglob("*"))
+            if p.is_file()}
+
+
+def _train_workflow(bundle_root, dataset_dir, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    from bundle_runs import REPO
+
+    folder = REPO / "bundles" / "medsaga" / "configs"
+    settings = {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "backbone": "lite_medsam_tiny",
+                "checkpoint": None, "image_size": 64, "epochs": 1, "steps_per_epoch": 1,
+                "keep_freed_cpu_memory": False, **overrides}  # leave glibc's settings of the test process alone
+    return ConfigWorkflow(config_file=str(folder / "train.json"), workflow_type="train", **settings)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_stops_training_before_it_starts_and_changes_nothing(tmp_path, case, one_torch_thread):
+    from medsaga_components.backbones import build_backbone
+    from medsaga_components.engine import FewShotExperiment
+
+    pattern, overrides = CASES[case]
+    dataset_dir = tmp_path / "data"
+    write_dataset(dataset_dir, n_training=2)
+    bundle = tmp_path / "bundle"
+    # A previous run's outputs: its model and its few-shot manifest (the bundle's default selection).
+    (bundle / "models").mkdir(parents=True)
+    torch.save({"w": torch.ones(2)}, bundle / "models" / "model.pt")
+    FewShotExperiment(dataset_dir, bundle / "eval", shots=5, strategy="total", spacing="even", seed=0, axis=2,
+                      image_size=64, rotation_degrees=0)
+    torch.save(build_backbone("vit_tiny", image_size=64, checkpoint=None).state_dict(),
+               bundle / "other_architecture.pth")
+    torch.save({"model": _RunsCode(tmp_path / "code_ran")}, bundle / "evil.pth")
+    _break_dataset(dataset_dir, case)
+    overrides = {k: v.format(root=bundle) if isinstance(v, str) else v for k, v in overrides.items()}
+    before = _files(dataset_dir, bundle)
+
+    workflow = _train_workflow(bundle, dataset_dir, **overrides)
+    with pytest.raises(Exception) as info:
+        workflow.initialize()  # builds everything and runs `initialize`; the trainer never runs
+    message = _chain(info.value)  # MONAI wraps the error in "Failed to instantiate component ..."; both print
+    assert re.search(pattern, message, flags=re.S), message
+    assert _files(dataset_dir, bundle) == before
+    assert not (bundle / "models" / "checkpoints").exists() and not (tmp_path / "code_ran").exists()
+
+
+def test_a_misspelled_key_on_the_command_line_is_refused_before_anything_is_read(tmp_path):
+    from bundle_runs import TINY_TRAINING, configs, run_bundle
+
+    dataset_dir = tmp_path / "data"
+    write_dataset(dataset_dir, n_training=2)
+    before = _files(dataset_dir)
+    done = run_bundle("training", configs("medsaga", "train"), "--bundle_root", str(tmp_path / "bundle"),
+                      "--dataset_dir", str(dataset_dir), *TINY_TRAINING, "--shot", "3", check=False)
+    assert done.returncode != 0
+    assert "unknown config key --shot on the command line" in done.stderr and "did you mean --shots?" in done.stderr
+    assert str(configs("medsaga", "train")) in done.stderr
+    assert _files(dataset_dir) == before and not (tmp_path / "bundle").exists()
+
+
+# --- downloaded SAM weights and untrusted bundles ------------------------------------------------------
+
+def test_sam_weights_are_checked_against_the_hashes_every_bundle_publishes():
+    """A downloaded ViT-B/L/H file is read only after its sha256 matches (tests/test_backbones.py
+    checks that a mismatch is an error); the hashes checked are the ones the bundles list."""
+    import yaml
+
+    from bundle_runs import REPO
+    from medsaga_components.backbones.sam_vit import VIT_SPECS
+
+    checked = {Path(spec.url).name: spec.sha256 for spec in VIT_SPECS.values() if spec.url}  # vit_tiny: none
+    for listing in sorted((REPO / "bundles").glob("*/large_files.yml")):
+        entries = yaml.safe_load(listing.read_text())["large_files"]
+        published = {Path(e["path"]).name: e["hash_val"] for e in entries if e["hash_type"] == "sha256"}
+        assert published == checked, listing
+
+
+def test_readme_says_bundle_configs_run_code_and_must_be_trusted():
+    from bundle_runs import REPO
+
+    readme = (REPO / "README.md").read_text()
+    assert "Bundle configs can execute code (`$` expressions): run bundles from trusted sources only." in readme

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ..backbones.checkpoints import load_checkpoint, load_state_dict_strict
+from .command_line import check_bundle_command_line
 from .cpu_allocator import keep_freed_cpu_memory
 from .experiment import FewShotExperiment
 from .export import merge_adapters, plain_state_dict, save_plain_model
@@ -42,7 +43,9 @@ def find_bundle_root(name: str) -> str:
 
 def check_model_file(path: str | Path) -> None:
     """Fail before inference starts when the trained weights are missing, unreadable or unsafe
-    (read once here through ``load_checkpoint``, so the error names the file)."""
+    (read once here through ``load_checkpoint``, so the error names the file), or when the
+    command line has a misspelled key."""
+    check_bundle_command_line()
     if not Path(path).is_file():
         raise FileNotFoundError(f"model weights not found: {path} (run training first, or pass --model_path)")
     load_checkpoint(path, "model weights")

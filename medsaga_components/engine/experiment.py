@@ -9,6 +9,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from ..data import SliceDataset, augmentation_transforms, ensure_demo_dataset, fewshot_command, read_manifest
 from ..data.fewshot import STRATEGIES as FEWSHOT_STRATEGIES
+from .command_line import check_bundle_command_line
 
 
 class FewShotExperiment:
@@ -33,6 +34,7 @@ class FewShotExperiment:
     def __init__(self, dataset_dir: str | Path, output_dir: str | Path, shots: float = 5, strategy: str = "total",
                  seed: int = 0, axis: int = 2, image_size: int = 256, augment: bool = True,
                  rotation_degrees: float = 15.0, spacing: str = "random") -> None:
+        check_bundle_command_line()  # a misspelled --key stops here, before the dataset or manifest is touched
         if strategy not in FEWSHOT_STRATEGIES:
             raise ValueError(f"strategy must be one of {FEWSHOT_STRATEGIES}, got {strategy!r}")
         if float(shots) <= 0:
