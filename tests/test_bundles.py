@@ -21,8 +21,8 @@ from medsaga_components.data import write_demo_dataset
 
 pytestmark = pytest.mark.slow
 BUNDLE = REPO / "bundles" / "medsaga"
-ALL_BUNDLES = ("medsaga", "samed", "ssam", "mcp_medsam")
-PROMPT_OF = {"medsaga": "none", "samed": "none", "ssam": "class_tokens", "mcp_medsam": "mcp"}
+ALL_BUNDLES = ("medsaga", "samed", "ssam", "mcp_medsam", "cheap_lunch")
+PROMPT_OF = {"medsaga": "none", "samed": "none", "ssam": "class_tokens", "mcp_medsam": "mcp", "cheap_lunch": "class_points"}
 # Every bundle folder: MONAI's own checks (verify_metadata, verify_net_in_out, torchrun) and
 # MONAI Label's keys cover new bundles as soon as they exist.
 DISCOVERED = tuple(sorted(p.parent.name for p in (REPO / "bundles").glob("*/configs")))
