@@ -42,8 +42,8 @@ def _bundle_copy(root):
 
 
 def _command(root, demo_dir, *extra):
-    # patience 0: train all EPOCHS. The early-stopping handler's counters are not in the
-    # checkpoint until it has state_dict()/load_state_dict() (training_setup saves any handler that has).
+    # patience 0: train all EPOCHS, so that the kill always falls inside training (the tiny random
+    # network's validation Dice does not improve, and patience would stop it early).
     return ["--bundle_root", str(root), "--dataset_dir", str(demo_dir), *TINY_TRAINING, "--epochs", str(EPOCHS),
             "--patience", "0", *extra]
 

@@ -64,3 +64,18 @@ def test_bad_settings_name_the_key(kwargs, key):
 def test_null_from_the_command_line_switches_a_limit_off():
     handler = TrainUntilPlateau(Engine(lambda e, b: None), patience="null", max_minutes="null")
     assert handler.patience == 0 and handler.max_seconds is None
+
+
+def test_a_resumed_run_keeps_counting_from_the_saved_state():
+    curve = [0.1, 0.5, 0.8, 0.79, 0.79, 0.79, 0.79, 0.79]
+    first, first_eval = _engines(curve)
+    handler = TrainUntilPlateau(first_eval, patience=4)
+    handler.attach(first)
+    first.run(range(2), max_epochs=5)  # two validations without a gain so far
+    resumed, resumed_eval = _engines(curve)
+    again = TrainUntilPlateau(resumed_eval, patience=4)
+    again.load_state_dict(handler.state_dict())
+    again.attach(resumed)
+    resumed.load_state_dict({"epoch": 5, "epoch_length": 2, "max_epochs": 50})  # as a checkpoint restores it
+    resumed.run(range(2))
+    assert resumed.state.epoch == 7 and again.best_epoch == 3

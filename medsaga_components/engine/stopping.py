@@ -92,6 +92,17 @@ class TrainUntilPlateau:
             self.stop_reason = f"time cap: {self.max_seconds / 60:g} minutes"
             trainer.terminate()
 
+    # Saved in the training checkpoints (engine/training_setup.py): a resumed run keeps counting
+    # validations without a gain from where the interrupted one stopped. The time cap counts
+    # from each (re)start.
+    def state_dict(self) -> dict[str, float | int]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.best = float(state["best"])
+        self.best_epoch = int(state["best_epoch"])
+        self.bad_validations = int(state["bad_validations"])
+
     def summary(self, trainer: Engine) -> dict:
         return {
             "steps": int(trainer.state.iteration),
