@@ -177,14 +177,14 @@ def test_end_to_end_oracle_scores_one_and_writes_outputs(tmp_path):
 
     summary = evaluate_slice_dataset(test_slices, oracle, tmp_path / "eval", batch_size=3, overlay_slices=2)
     assert summary["mean_dice"] == 1.0 and summary["mean_hd95_mm"] == 0.0
-    (volume,) = summary["volumes"]
-    test_range = json.loads(open(manifest).read())["test"][0]
-    start, stop = test_range["slice_start"], test_range["slice_stop"]
-    assert volume["volume"] == f"case0_slices{start:03d}-{stop:03d}"
-    (prediction_path,) = summary["files"]["predictions"]
-    saved = nib.load(prediction_path)
+    test_ranges = json.loads(open(manifest).read())["test"]  # interleaved blocks: one slab each
+    assert len(test_ranges) > 1 and len(summary["volumes"]) == len(test_ranges)
     truth = nib.load(str(dataset_json.parent / "labelsTr" / "case0.nii.gz"))
-    assert np.array_equal(np.asarray(saved.dataobj), np.asarray(truth.dataobj)[:, :, start:stop])
-    assert np.allclose(saved.affine @ [0, 0, 0, 1], truth.affine @ [0, 0, start, 1])
-    assert len(summary["files"]["overlays"]) == 2
+    for volume, test_range, prediction_path in zip(summary["volumes"], test_ranges, summary["files"]["predictions"]):
+        start, stop = test_range["slice_start"], test_range["slice_stop"]
+        assert volume["volume"] == f"case0_slices{start:03d}-{stop:03d}"
+        saved = nib.load(prediction_path)
+        assert np.array_equal(np.asarray(saved.dataobj), np.asarray(truth.dataobj)[:, :, start:stop])
+        assert np.allclose(saved.affine @ [0, 0, 0, 1], truth.affine @ [0, 0, start, 1])
+    assert len(summary["files"]["overlays"]) == 2 * len(test_ranges)  # overlay_slices per slab
     assert os.path.isfile(summary["files"]["markdown"]) and os.path.isfile(summary["files"]["json"])

@@ -6,7 +6,8 @@ and files it under its volume, and ``volumes()`` stacks them. Class logits come 
 ``square_logits_to_labels`` (bilinear, then argmax: what ``run inference`` does too); class
 maps from predictors without logits (box-prompted baselines) through nearest-exact sampling.
 A range that covers only part of a volume (the ``slices`` hold-out) becomes a slab
-``[start, stop)`` along the axis, with its affine shifted accordingly.
+``[start, stop)`` along the axis, with its affine shifted accordingly; a volume with several
+such ranges gives one slab each.
 """
 
 from __future__ import annotations
@@ -74,19 +75,19 @@ class VolumeAssembler:
             self._slices.setdefault(volume, {})[int(batch["slice_index"][b])] = on_grid
 
     def volumes(self) -> list[AssembledVolume]:
+        """One ``AssembledVolume`` per contiguous run of predicted slices of a volume (the
+        ``slices`` hold-out gives a volume several test or validation blocks)."""
         out = []
         for volume, slices in self._slices.items():
             meta = self._meta[volume]
             indices = sorted(slices)
-            start, stop = indices[0], indices[-1] + 1
-            if len(indices) != stop - start:
-                missing = sorted(set(range(start, stop)) - set(indices))
-                raise ValueError(f"{volume}: slices {missing[:10]} between {start} and {stop - 1} were not "
-                                 "predicted; a volume needs a contiguous range of slices")
-            slab_shape = list(meta["volume_shape"])
-            slab_shape[meta["axis"]] = stop - start
-            prediction = np.ascontiguousarray(slices_to_volume(np.stack([slices[i] for i in indices]), meta["axis"]))
-            if list(prediction.shape) != slab_shape:
-                raise ValueError(f"{volume}: restacked shape {prediction.shape}, expected {slab_shape}")
-            out.append(AssembledVolume(volume, meta["image_path"], meta["axis"], start, stop, prediction))
+            runs = np.split(np.asarray(indices), np.flatnonzero(np.diff(indices) > 1) + 1)
+            for run in runs:
+                start, stop = int(run[0]), int(run[-1]) + 1
+                slab_shape = list(meta["volume_shape"])
+                slab_shape[meta["axis"]] = stop - start
+                prediction = np.ascontiguousarray(slices_to_volume(np.stack([slices[i] for i in run]), meta["axis"]))
+                if list(prediction.shape) != slab_shape:
+                    raise ValueError(f"{volume}: restacked shape {prediction.shape}, expected {slab_shape}")
+                out.append(AssembledVolume(volume, meta["image_path"], meta["axis"], start, stop, prediction))
         return out
