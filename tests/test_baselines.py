@@ -9,7 +9,7 @@ from medsaga_components.engine.experiment import FewShotExperiment
 
 
 def _experiment(tmp_path):
-    return FewShotExperiment(tmp_path / "data", tmp_path / "out", shots=2, image_size=64, rotation_degrees=0)
+    return FewShotExperiment(tmp_path / "mni152_demo", tmp_path / "out", shots=2, image_size=64, rotation_degrees=0)
 
 
 def test_unet_from_scratch_trains_for_the_given_time_then_evaluates(tmp_path):
