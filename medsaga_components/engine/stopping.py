@@ -52,8 +52,10 @@ class TrainUntilPlateau:
         self.min_delta = float(min_delta)
         self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.summary_path = None if summary_path is None else Path(summary_path)
-        self.best = -float("inf")
+        self.best = -float("inf")  # best score so far and its epoch (the model kept)
         self.best_epoch = 0
+        self.reference = -float("inf")  # the last score that gained more than min_delta
+        self.reference_epoch = 0
         self.bad_validations = 0
         self.stop_reason = "step cap (epochs)"
         self.started = time.monotonic()
@@ -72,14 +74,15 @@ class TrainUntilPlateau:
     def _check_validation(self, evaluator: Engine) -> None:
         score = float(evaluator.state.metrics[evaluator.state.key_metric_name])
         epoch = self.trainer.state.epoch
-        if score > self.best + self.min_delta:
-            self.best, self.best_epoch, self.bad_validations = score, epoch, 0
+        if score > self.best:  # the model SaveBestPlainModel keeps
+            self.best, self.best_epoch = score, epoch
+        if score > self.reference + self.min_delta:
+            self.reference, self.reference_epoch, self.bad_validations = score, epoch, 0
             return
-        self.best = max(self.best, score)
         self.bad_validations += 1
         if self.patience and self.bad_validations >= self.patience:
             self.stop_reason = (f"validation plateau: no gain above {self.min_delta} in {self.patience} "
-                                f"validations after epoch {self.best_epoch}")
+                                f"validations after epoch {self.reference_epoch}")
             self.trainer.terminate()
 
     def _check_time(self, trainer: Engine) -> None:
@@ -96,11 +99,12 @@ class TrainUntilPlateau:
     # validations without a gain from where the interrupted one stopped. The time cap counts
     # from each (re)start.
     def state_dict(self) -> dict[str, float | int]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_validations": self.bad_validations}
+        return {"best": self.best, "best_epoch": self.best_epoch, "reference": self.reference,
+                "reference_epoch": self.reference_epoch, "bad_validations": self.bad_validations}
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
-        self.best = float(state["best"])
-        self.best_epoch = int(state["best_epoch"])
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        self.reference, self.reference_epoch = float(state["reference"]), int(state["reference_epoch"])
         self.bad_validations = int(state["bad_validations"])
 
     def summary(self, trainer: Engine) -> dict:
