@@ -38,7 +38,7 @@ from ..prompts_mcp import McpPrompt
 from .box_batches import McpPrepareBatch, whole_image_boxes
 from .export import merge_adapters
 from .flips import with_test_time_flips
-from .label_prompts import boxes_from_labels
+from .label_prompts import boxes_from_labels, check_prompted_slice
 
 logger = logging.getLogger(__name__)
 
@@ -194,14 +194,7 @@ def segment_slice_with_boxes(network: nn.Module, image: torch.Tensor, boxes, cla
     Returns:
         ``[H, W]`` class indices (0 background) and ``[N + 1, H, W]`` logits on the slice's grid.
     """
-    module = _unwrapped(network)
-    names = list(class_names) if class_names is not None else [str(i + 1) for i in range(module.num_classes)]
-    if len(names) != module.num_classes:
-        raise ValueError(f"{len(names)} class names for a network of {module.num_classes} classes")
-    if image.ndim == 2:
-        image = image[None]
-    if image.ndim != 3:
-        raise ValueError(f"expected a slice [H, W] or [C, H, W], got {tuple(image.shape)}")
+    module, names, image = check_prompted_slice(network, image, class_names)
     box, present = _box_tensor(boxes, names)
     h, w = image.shape[-2:]
     x0, y0, x1, y1 = box[present].unbind(-1)

@@ -195,3 +195,22 @@ class PromptsFromLabels:
     def __repr__(self) -> str:
         return (f"PromptsFromLabels(kind={self.kind!r}, num_classes={self.num_classes}, jitter={self.jitter}, "
                 f"points_per_class={self.points_per_class}, seed={self.seed})")
+
+
+def unwrapped(network):
+    """The network itself, also when DistributedDataParallel keeps it in ``.module``."""
+    return getattr(network, "module", network)
+
+
+def check_prompted_slice(network, image: torch.Tensor, class_names=None):
+    """What segmenting one slice from a user's prompts needs: ``(network, class names, [C, H, W] image)``;
+    class names default to ``"1".."N"``; a wrong count of names or a slice not ``[H, W]``/``[C, H, W]`` is refused."""
+    module = unwrapped(network)
+    names = list(class_names) if class_names is not None else [str(i + 1) for i in range(module.num_classes)]
+    if len(names) != module.num_classes:
+        raise ValueError(f"{len(names)} class names for a network of {module.num_classes} classes")
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise ValueError(f"expected a slice [H, W] or [C, H, W], got {tuple(image.shape)}")
+    return module, names, image

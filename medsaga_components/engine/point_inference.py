@@ -28,7 +28,7 @@ from torch import nn
 from ..data.square_resize import fit_to_square, square_logits_to_slice
 from ..network import SamSegmenter
 from ..prompts import ClassPointPrompt
-from .label_prompts import points_from_labels
+from .label_prompts import points_from_labels, check_prompted_slice
 
 TEST_POINTS = ("ground_truth", "automatic")
 
@@ -141,14 +141,7 @@ def segment_slice_with_points(network: nn.Module, image: torch.Tensor, clicks: M
     Returns:
         ``[H, W]`` class indices (0 background) and ``[N + 1, H, W]`` logits on the slice's grid.
     """
-    module = _unwrapped(network)
-    names = list(class_names) if class_names is not None else [str(i + 1) for i in range(module.num_classes)]
-    if len(names) != module.num_classes:
-        raise ValueError(f"{len(names)} class names for a network of {module.num_classes} classes")
-    if image.ndim == 2:
-        image = image[None]
-    if image.ndim != 3:
-        raise ValueError(f"expected a slice [H, W] or [C, H, W], got {tuple(image.shape)}")
+    module, names, image = check_prompted_slice(network, image, class_names)
     points, labels = _click_tensors(clicks, names)
     h, w = image.shape[-2:]
     x, y = points[..., 0], points[..., 1]
