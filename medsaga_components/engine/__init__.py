@@ -41,14 +41,19 @@ def find_bundle_root(name: str) -> str:
                             f"bundle folder, or pass --bundle_root")
 
 
-def check_model_file(path: str | Path) -> None:
+def check_model_file(path: str | Path, network: nn.Module | None = None) -> None:
     """Fail before inference starts when the trained weights are missing, unreadable or unsafe
-    (read once here through ``load_checkpoint``, so the error names the file), or when the
-    command line has a misspelled key."""
+    (read once here through ``load_checkpoint``, so the error names the file), when they do
+    not fit ``network`` (another backbone, number of classes or prompt kind: the error names
+    the file and the mismatch; the weights are then loaded into it), or when the command line
+    has a misspelled key."""
     check_bundle_command_line()
     if not Path(path).is_file():
         raise FileNotFoundError(f"model weights not found: {path} (run training first, or pass --model_path)")
-    load_checkpoint(path, "model weights")
+    state = load_checkpoint(path, "model weights")
+    if network is not None:
+        load_state_dict_strict(network, state, path, "inference network_def (backbone, num_classes, prompt kind; "
+                               "a model trained with configs/boxes.json needs configs/inference_boxes.json)")
 
 
 def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:

@@ -29,6 +29,7 @@ from ignite.engine import Engine, Events
 from monai.inferers import Inferer
 from torch import nn
 
+from ..backbones.checkpoints import load_checkpoint, load_state_dict_strict
 from ..data import SliceDataset
 from ..data.modalities import modality_index
 from ..data.square_resize import fit_to_square, square_logits_to_slice
@@ -299,7 +300,8 @@ class EvaluateBoxPromptedOnTestVolumes:
     def __call__(self, engine: Engine | None = None) -> dict:
         network = merge_adapters(self.network)
         if self.model_path.is_file():
-            network.load_state_dict(torch.load(self.model_path, map_location="cpu", weights_only=True))
+            load_state_dict_strict(network, load_checkpoint(self.model_path, "model weights"), self.model_path,
+                                   "network")
         else:
             logger.warning("%s not found: evaluating the final weights", self.model_path)
         summary = evaluate_box_prompted(network.to(self.device), self.dataset, self.output_dir, self.device,
