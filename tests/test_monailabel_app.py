@@ -20,6 +20,7 @@ import torch
 from bundle_runs import REPO, TINY_TRAINING, run_bundle
 from medsaga_components import SamSegmenter
 from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
+from medsaga_components.engine.box_inference import TwoPassBoxSegmenter
 
 sys.path.insert(0, str(REPO / "monailabel_app"))
 from benchmark_infer import concurrent_infers  # noqa: E402
@@ -62,6 +63,28 @@ def test_prompts_map_voxels_to_slices_and_sam_coordinates():
     assert prompts_from_request({"grey matter": [[1, 2, 3]], "white matter": []}, LABELS, "points") == {1: [[1, 2, 3]]}
     with pytest.raises(ValueError, match="unknown label 'bone'"):
         prompts_from_request({"boxes": {"bone": [0, 0, 0, 1, 1, 1]}}, LABELS, "boxes")
+
+
+def test_a_model_trained_with_boxes_json_is_served_box_prompted(tmp_path):
+    """The weights decide: medsaga's model.pt from configs/boxes.json is served through
+    inference_boxes.json and takes boxes; a prompt-free one keeps the plain inference.json."""
+    root = tmp_path / "medsaga"
+    shutil.copytree(REPO / "bundles" / "medsaga" / "configs", root / "configs")
+    (root / "models").mkdir()
+    overrides = {"backbone": "lite_medsam_tiny", "image_size": 64}
+    torch.save(SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64).state_dict(),
+               root / "models" / "model.pt")
+    plain = discover_bundles(tmp_path, overrides)["medsaga"]
+    assert not plain.box_mode and plain.prompt_input is None
+    assert type(plain.build_network()).__name__ == "SamSegmenter"
+    boxed = TwoPassBoxSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64, modality_prompt=False,
+                                content_prompt=False)
+    torch.save(boxed.state_dict(), root / "models" / "model.pt")
+    served = discover_bundles(tmp_path, overrides)["medsaga"]
+    assert served.box_mode and served.prompt_kind == "mcp" and served.prompt_input == "boxes"
+    network = served.build_network()
+    network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True), strict=True)
+    assert isinstance(network, TwoPassBoxSegmenter)
 
 
 @pytest.mark.parametrize("prompt_input", ["boxes", "points"])

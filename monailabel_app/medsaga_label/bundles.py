@@ -12,6 +12,10 @@ import torch
 
 # Prompt kinds (``medsaga_components.prompts.PROMPT_KINDS``) and what a user gives them.
 PROMPT_INPUT_OF_KIND = {"points": "points", "class_points": "points", "boxes": "boxes", "mcp": "boxes"}
+# The prompt-free bundles' box-prompted mode: a model trained with configs/boxes.json is served
+# through inference.json + this fragment (and takes a user's boxes).
+BOX_MODE_FRAGMENT = "inference_boxes.json"
+BOX_MODE_WEIGHT = "prompt.class_tokens"  # a key only box-prompted (mcp) models have
 
 
 class ServedBundle:
@@ -29,6 +33,9 @@ class ServedBundle:
         self.overrides = dict(overrides or {})
         self.metadata = _read_json(self.root / "configs" / "metadata.json")
         self.inference_config = _read_json(self.root / "configs" / "inference.json")
+        self.box_mode = self._model_trained_with_boxes()
+        if self.box_mode:
+            self.inference_config.update(_read_json(self.root / "configs" / BOX_MODE_FRAGMENT))
         train_json = self.root / "configs" / "train.json"
         self.train_config = _read_json(train_json) if train_json.is_file() else None
         formats = self.metadata.get("network_data_format", {})
@@ -45,10 +52,22 @@ class ServedBundle:
         self.labels = {str(name): int(value) for value, name in channel_def.items() if int(value) > 0}
         self._parser = None
 
+    def _model_trained_with_boxes(self) -> bool:
+        """Whether the bundle has the box-prompted mode and its ``models/model.pt`` was trained
+        in it (the weights decide, not a setting that could disagree with them)."""
+        if not (self.root / "configs" / BOX_MODE_FRAGMENT).is_file():
+            return False
+        from medsaga_components.backbones.checkpoints import load_checkpoint
+
+        path = Path(self._config_parser().get_parsed_content("model_path"))
+        return path.is_file() and BOX_MODE_WEIGHT in load_checkpoint(path, "model weights")
+
     @property
     def prompt_kind(self) -> str:
-        """The method's prompt kind (``train.json``'s ``method``), else the inference
-        network's ``prompt`` argument, else ``"none"``."""
+        """The method's prompt kind (``train.json``'s ``method``; ``"mcp"`` for a model trained
+        in the box-prompted mode), else the inference network's ``prompt`` argument, else ``"none"``."""
+        if self.box_mode:
+            return "mcp"
         method = (self.train_config or {}).get("method")
         if isinstance(method, str) and not method.startswith(("$", "@")):
             from medsaga_components.methods import get_method
@@ -65,14 +84,17 @@ class ServedBundle:
     def parser(self):
         """``inference.json`` with ``bundle_root`` and the overrides applied (parsed lazily)."""
         if self._parser is None:
-            from monai.bundle import ConfigParser
-
-            parser = ConfigParser(copy.deepcopy(self.inference_config))
-            parser["bundle_root"] = str(self.root)
-            for key, value in self.overrides.items():
-                parser[key] = value
-            self._parser = parser
+            self._parser = self._config_parser()
         return self._parser
+
+    def _config_parser(self):
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser(copy.deepcopy(self.inference_config))
+        parser["bundle_root"] = str(self.root)
+        for key, value in self.overrides.items():
+            parser[key] = value
+        return parser
 
     @property
     def model_path(self) -> Path:
