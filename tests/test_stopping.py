@@ -37,6 +37,19 @@ def test_stops_after_patience_validations_without_gain(tmp_path):
     assert record["stopped_by"] == "validation plateau: no gain above 0.002 in 4 validations after epoch 3"
 
 
+def test_no_plateau_stop_before_validation_has_learned_something():
+    """Small structures: validation 0.000 for many validations, then it starts to learn."""
+    curve = [0.0] * 8 + [0.2, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.9]
+    trainer, evaluator = _engines(curve)
+    TrainUntilPlateau(evaluator, patience=4, min_score=0.05).attach(trainer)
+    trainer.run(range(2), max_epochs=50)
+    assert trainer.state.epoch == 15  # not 5: the plateau clock runs once something was learned
+    trainer, evaluator = _engines([0.0] * 20)
+    TrainUntilPlateau(evaluator, patience=4, min_score=0.05).attach(trainer)
+    trainer.run(range(2), max_epochs=12)
+    assert trainer.state.epoch == 12  # nothing learned: the step cap ends it
+
+
 def test_patience_zero_trains_to_the_step_cap(tmp_path):
     trainer, evaluator = _engines([0.5] * 3)
     handler = TrainUntilPlateau(evaluator, patience=0, summary_path=tmp_path / "s.json")

@@ -5,6 +5,10 @@ stop long before small structures are learned (their validation Dice was still c
 steeply at 80 steps). The bundles therefore train up to a step cap (``epochs``) and stop
 earlier once validation has not improved for ``patience`` validations, or once
 ``max_minutes`` have passed. The best model is kept by ``SaveBestPlainModel`` as before.
+
+A run whose validation has never reached ``min_score`` has learned nothing yet and is not on
+a plateau: on the small-structure demo task medsaga's validation Dice was 0.000 for its first
+50 steps, and a patience of 4 validations stopped it there (test Dice 0.000).
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ class TrainUntilPlateau:
         evaluator: the validation engine (its ``key_metric_name`` is the score, higher is better).
         patience: validations without improvement before stopping; None or 0 never stops early.
         min_delta: an improvement must exceed this to reset the patience count.
+        min_score: no plateau stop while the best validation score is below this (a run that
+            has learned nothing has not plateaued); the step and time caps still apply.
         max_minutes: wall-clock cap on training (checked at the end of each epoch); None for none.
         summary_path: where the JSON record goes; None to only log it.
     """
 
     def __init__(self, evaluator: Engine, patience: int | None = 4, min_delta: float = 0.002,
-                 max_minutes: float | None = None, summary_path: str | Path | None = None) -> None:
+                 min_score: float = 0.05, max_minutes: float | None = None, summary_path: str | Path | None = None) -> None:
         patience = _number_or_none("patience", patience, int)
         max_minutes = _number_or_none("max_minutes", max_minutes, float)
         if patience is not None and patience < 0:
@@ -50,6 +56,7 @@ class TrainUntilPlateau:
         self.evaluator = evaluator
         self.patience = patience or 0
         self.min_delta = float(min_delta)
+        self.min_score = float(min_score)
         self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.summary_path = None if summary_path is None else Path(summary_path)
         self.best = -float("inf")  # best score so far and its epoch (the model kept)
@@ -80,7 +87,7 @@ class TrainUntilPlateau:
             self.reference, self.reference_epoch, self.bad_validations = score, epoch, 0
             return
         self.bad_validations += 1
-        if self.patience and self.bad_validations >= self.patience:
+        if self.patience and self.bad_validations >= self.patience and self.best >= self.min_score:
             self.stop_reason = (f"validation plateau: no gain above {self.min_delta} in {self.patience} "
                                 f"validations after epoch {self.reference_epoch}")
             self.trainer.terminate()
