@@ -69,6 +69,9 @@ class Method:
         loss: ``"dice_ce"`` (0.2 CE + 0.8 Dice, softmax), ``"dice_focal"`` (sigmoid per class) or
             ``"dice_bce"`` (Dice + BCE per class, MCP-MedSAM's).
         ce_weight: the CE weight of ``"dice_ce"`` (Cheap Lunch's loss is CE + 0.8 Dice: 1.0).
+        dice_background: whether ``"dice_ce"``'s Dice term also scores the background channel.
+            Off (nnU-Net's choice): a background of 99 % of the pixels then scores near 1 from
+            the first step and dilutes the small classes' Dice gradient (N + 1)-fold.
     """
 
     name: str
@@ -87,6 +90,7 @@ class Method:
     poly_power: float = 0.9
     loss: str = "dice_ce"
     ce_weight: float = 0.2
+    dice_background: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt not in PROMPT_KINDS:
@@ -211,7 +215,8 @@ class Method:
         if self.loss == "dice_bce":
             return DiceBceLoss()
         if self.loss == "dice_ce":
-            return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=self.ce_weight, lambda_dice=0.8)
+            return DiceCELoss(to_onehot_y=True, softmax=True, include_background=self.dice_background,
+                              lambda_ce=self.ce_weight, lambda_dice=0.8)
         # Per-class queries: each foreground channel is its own sigmoid mask (background is 0).
         return DiceFocalLoss(to_onehot_y=True, sigmoid=True, include_background=False)
 
