@@ -20,6 +20,16 @@ def mni_files():
 
 
 @pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """The MNI152 demo task written once per test module (a Decathlon folder)."""
+    from medsaga_components.data import write_demo_dataset
+
+    out = tmp_path_factory.mktemp("data") / "mni152_demo"
+    write_demo_dataset(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread, and shared CI machines oversubscribe a second one."""
     threads = torch.get_num_threads()

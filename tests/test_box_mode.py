@@ -11,18 +11,10 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
-from medsaga_components.data import write_demo_dataset
 from medsaga_components.engine.box_batches import McpPrepareBatch
 from medsaga_components.engine.box_inference import TwoPassBoxSegmenter
 
 BOX_BUNDLES = ("medsaga", "samed")
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "mni152_demo"
-    write_demo_dataset(str(out))
-    return out
 
 
 @pytest.mark.parametrize("bundle", BOX_BUNDLES)

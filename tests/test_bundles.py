@@ -17,7 +17,6 @@ from monai.bundle import ConfigWorkflow
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
 from medsaga_components import SamSegmenter
 from medsaga_components.optimizers.galore import allow_galore_state_in_checkpoints
-from medsaga_components.data import write_demo_dataset
 
 pytestmark = pytest.mark.slow
 BUNDLE = REPO / "bundles" / "medsaga"
@@ -30,13 +29,6 @@ DISCOVERED = tuple(sorted(p.parent.name for p in (REPO / "bundles").glob("*/conf
 # and training code (medsaga stands for samed and ssam); the prompted ones have their own loaders.
 TORCHRUN_CHECKED = tuple(b for b in DISCOVERED if b not in ("samed", "ssam"))
 SWITCH_CHECKED = ("medsaga", "mcp_medsam")
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "mni152_demo"
-    write_demo_dataset(str(out))
-    return out
 
 
 @pytest.fixture(scope="module", params=ALL_BUNDLES)

@@ -21,19 +21,11 @@ from monai.handlers import MeanDice, from_engine
 from monai.transforms import AsDiscreted
 
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
-from medsaga_components.data import write_demo_dataset
 from medsaga_components.engine import SaveBestPlainModel
 from medsaga_components.engine.training_setup import BestValidationMetric
 from medsaga_components.optimizers.galore import allow_galore_state_in_checkpoints
 
 EPOCHS = 4  # the kill lands in epoch 2 of 4: well before the end, however fast the machine
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "mni152_demo"
-    write_demo_dataset(str(out))
-    return out
 
 
 def _bundle_copy(root):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from medsaga_components.data import SliceDataset, write_demo_dataset
+from medsaga_components.data import SliceDataset
 from medsaga_components.data.synthesis import (
     ExemplarSynthesisDataset,
     StepsPerEpochSampler,
@@ -106,13 +106,6 @@ def test_pasting_refuses_mismatched_shapes():
     image, label = square_and_disk()
     with pytest.raises(ValueError, match="one shape"):
         paste_foreground(image, label, torch.zeros(1, SIZE, SIZE + 1))
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "mni152_demo"
-    write_demo_dataset(str(out))
-    return out
 
 
 @pytest.fixture(scope="module")
