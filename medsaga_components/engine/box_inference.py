@@ -29,7 +29,6 @@ from ignite.engine import Engine, Events
 from monai.inferers import Inferer
 from torch import nn
 
-from ..backbones.checkpoints import load_checkpoint, load_state_dict_strict
 from ..data import SliceDataset
 from ..data.modalities import modality_index
 from ..data.square_resize import fit_to_square, square_logits_to_slice
@@ -37,17 +36,13 @@ from ..evaluation import evaluate_slice_dataset
 from ..network import SamSegmenter
 from ..prompts_mcp import McpPrompt
 from .box_batches import McpPrepareBatch, whole_image_boxes
-from .export import merge_adapters
 from .flips import with_test_time_flips
-from .label_prompts import boxes_from_labels, check_prompted_slice
+from .handlers import best_plain_model
+from .label_prompts import boxes_from_labels, check_prompted_slice, unwrapped
 
 logger = logging.getLogger(__name__)
 
 TEST_BOXES = ("box_free", "ground_truth", "first_pass")
-
-
-def _unwrapped(network: Any) -> Any:
-    return getattr(network, "module", network)  # DistributedDataParallel keeps the network in .module
 
 
 def image_embeddings(network: SamSegmenter, image: torch.Tensor) -> torch.Tensor:
@@ -130,7 +125,7 @@ class TwoPassInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  prompts: Mapping[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
-        module = _unwrapped(network)
+        module = unwrapped(network)
         return box_free_logits(lambda image, p, **kw: network(image, p, **kw), inputs, module.num_classes,
                                module.image_size, prompts, embed=lambda x: image_embeddings(module, x))
 
@@ -241,7 +236,7 @@ def evaluate_box_prompted(network: nn.Module, dataset: SliceDataset, output_dir:
         raise ValueError(f"boxes must be one of {TEST_BOXES}, got {boxes!r}")
     device = torch.device(device)
     network = network.eval()
-    module = _unwrapped(network)
+    module = unwrapped(network)
     prepare = McpPrepareBatch(module.num_classes, str(dataset.dataset.path), modalities=modalities,
                               boxes="labels" if boxes == "ground_truth" else "none")
 
@@ -298,12 +293,7 @@ class EvaluateBoxPromptedOnTestVolumes:
         trainer.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict:
-        network = merge_adapters(self.network)
-        if self.model_path.is_file():
-            load_state_dict_strict(network, load_checkpoint(self.model_path, "model weights"), self.model_path,
-                                   "network")
-        else:
-            logger.warning("%s not found: evaluating the final weights", self.model_path)
+        network = best_plain_model(self.network, self.model_path)
         summary = evaluate_box_prompted(network.to(self.device), self.dataset, self.output_dir, self.device,
                                         self.batch_size, self.test_time_flips, self.boxes, self.modalities)
         logger.info("test mean Dice %.4f (%s boxes) -> %s", summary["mean_dice"], self.boxes, self.output_dir)

@@ -38,6 +38,17 @@ class SaveBestPlainModel:
                         evaluator.state.best_metric, evaluator.state.epoch)
 
 
+def best_plain_model(network: nn.Module, model_path: Path) -> nn.Module:
+    """``network`` with adapters merged and the best model's plain weights loaded (strict, the
+    file named on a mismatch); the final weights, with a warning, when none was saved."""
+    plain = merge_adapters(network)
+    if model_path.is_file():
+        load_state_dict_strict(plain, load_checkpoint(model_path, "model weights"), model_path, "network")
+    else:
+        logger.warning("%s not found: evaluating the final weights", model_path)
+    return plain
+
+
 class EvaluateOnTestVolumes:
     """When training completes: load the best plain model and evaluate it on the held-out
     test volumes (Dice and HD95 per class and volume, NIfTI predictions, overlays, report).
@@ -59,13 +70,7 @@ class EvaluateOnTestVolumes:
         trainer.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict:
-        network = merge_adapters(self.network)
-        if self.model_path.is_file():
-            load_state_dict_strict(network, load_checkpoint(self.model_path, "model weights"), self.model_path,
-                                   "network")
-        else:
-            logger.warning("%s not found: evaluating the final weights", self.model_path)
-        network.to(self.device)
+        network = best_plain_model(self.network, self.model_path).to(self.device)
         summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size,
                                         self.test_time_flips, self.prompts)
         logger.info("test mean Dice %.4f -> %s", summary["mean_dice"], self.output_dir)

@@ -28,13 +28,9 @@ from torch import nn
 from ..data.square_resize import fit_to_square, square_logits_to_slice
 from ..network import SamSegmenter
 from ..prompts import ClassPointPrompt
-from .label_prompts import points_from_labels, check_prompted_slice
+from .label_prompts import points_from_labels, check_prompted_slice, unwrapped
 
 TEST_POINTS = ("ground_truth", "automatic")
-
-
-def _unwrapped(network: Any) -> Any:
-    return getattr(network, "module", network)  # DistributedDataParallel keeps the network in .module
 
 
 def point_free_logits(forward: Callable[..., torch.Tensor], image: torch.Tensor, num_classes: int, image_size: int,
@@ -86,7 +82,7 @@ class AutomaticPoints:
         self.points_per_class = int(points_per_class)
 
     def logits(self, network: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        module = _unwrapped(network)
+        module = unwrapped(network)
         return point_free_logits(network, image, module.num_classes, module.image_size, self.points_per_class)
 
 
