@@ -194,9 +194,10 @@ def test_keys_monai_labels_bundle_tasks_read(bundle):
     inference.read_config(str(folder / "inference.json"))
     for key in ("device", "bundle_root", "network_def", "preprocessing", "postprocessing", "inferer"):
         assert key in inference, key
-    # Overridable training keys (MONAI Label sets them before `run`). Not yet: train#dataset#data
-    # and validate#dataset#data, since the few-shot datasets come from dataset_dir.
-    for key, value in (("bundle_root", "/b"), ("device", "cpu"), ("train#trainer#max_epochs", 3), ("train#handlers", [])):
+    # Overridable training keys (MONAI Label sets them before `run`; tests/test_datalist.py trains with them).
+    datalist = [{"image": "/i.nii.gz", "label": "/l.nii.gz"}]
+    for key, value in (("bundle_root", "/b"), ("device", "cpu"), ("train#trainer#max_epochs", 3), ("train#handlers", []),
+                       ("train#dataset#data", datalist), ("validate#dataset#data", datalist)):
         train = ConfigParser()
         train.read_config(str(folder / "train.json"))
         train[key] = value

@@ -51,6 +51,8 @@ class SliceDataset(Dataset):
         transform: optional MONAI dictionary transform applied to ``{"image", "label"}``
             (e.g. ``augmentation_transforms()``); the image is clipped back to [0, 1] and the
             label cast back to int64 afterwards, so the sample conventions always hold.
+        allow_empty: accept an empty ``slices`` (a dataset that declares no test); otherwise
+            an error names the dataset.
     """
 
     def __init__(
@@ -61,10 +63,11 @@ class SliceDataset(Dataset):
         transform: Callable[[dict], dict] | None = None,
         ct_window: tuple[float, float] = CT_WINDOW,
         mri_percentiles: tuple[float, float] = MRI_PERCENTILES,
+        allow_empty: bool = False,
     ):
         self.dataset = dataset if isinstance(dataset, DecathlonDataset) else load_decathlon(dataset)
         self.slices = list(slices)
-        if not self.slices:
+        if not self.slices and not allow_empty:
             raise DatasetError(f"{self.dataset.path}: SliceDataset got no slices")
         self.image_size = int(image_size)
         self.transform = transform
@@ -81,6 +84,7 @@ class SliceDataset(Dataset):
         image_size: int = 256,
         transform: Callable[[dict], dict] | None = None,
         labelled_only: bool = False,
+        allow_empty: bool = False,
         **kwargs,
     ) -> "SliceDataset":
         """Samples for one part of a few-shot manifest: ``fewshot``, ``validation`` or ``test``.
@@ -96,9 +100,9 @@ class SliceDataset(Dataset):
             refs = list(manifest.slices)
         else:
             refs = [ref for r in getattr(manifest, part) for ref in r.refs()]
-            if not refs:
+            if not refs and not allow_empty:
                 raise DatasetError(f"manifest for {manifest.dataset_json} has no {part} slices")
-        dataset = cls(manifest.dataset_json, refs, image_size, transform, **kwargs)
+        dataset = cls(manifest.dataset_json, refs, image_size, transform, allow_empty=allow_empty, **kwargs)
         if labelled_only:
             dataset.slices = [ref for ref in refs if dataset.has_foreground(ref)]
         return dataset

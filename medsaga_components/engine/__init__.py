@@ -10,7 +10,7 @@ from torch import nn
 from ..backbones.checkpoints import load_checkpoint, load_state_dict_strict
 from .command_line import check_bundle_command_line
 from .cpu_allocator import keep_freed_cpu_memory
-from .experiment import FewShotExperiment
+from .experiment import FewShotExperiment, experiment_dataset
 from .export import merge_adapters, plain_state_dict, save_plain_model
 from .flips import FlipAveraged, with_test_time_flips
 from .handlers import EvaluateOnTestVolumes, SaveBestPlainModel, evaluate_test_volumes

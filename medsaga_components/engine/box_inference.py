@@ -37,7 +37,7 @@ from ..network import SamSegmenter
 from ..prompts_mcp import McpPrompt
 from .box_batches import McpPrepareBatch, whole_image_boxes
 from .flips import with_test_time_flips
-from .handlers import best_plain_model
+from .handlers import best_plain_model, has_test_slices
 from .label_prompts import boxes_from_labels, check_prompted_slice, unwrapped
 
 logger = logging.getLogger(__name__)
@@ -293,6 +293,8 @@ class EvaluateBoxPromptedOnTestVolumes:
         trainer.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict:
+        if not has_test_slices(self.dataset):
+            return {}
         network = best_plain_model(self.network, self.model_path)
         summary = evaluate_box_prompted(network.to(self.device), self.dataset, self.output_dir, self.device,
                                         self.batch_size, self.test_time_flips, self.boxes, self.modalities)

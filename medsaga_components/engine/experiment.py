@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from ..data import SliceDataset, augmentation_transforms, ensure_demo_dataset, fewshot_command, read_manifest
+from ..data.datalist import write_datalist_dataset
 from ..data.fewshot import STRATEGIES as FEWSHOT_STRATEGIES
 from .command_line import check_bundle_command_line
 
@@ -29,11 +30,19 @@ class FewShotExperiment:
             ``medsaga_components.data.fewshot``.
         augment: random flips (and rotations up to ``rotation_degrees``) of the few-shot slices.
         rotation_degrees: 0 for flips only, e.g. when every scan shares one orientation.
+        train_data, validation_data: MONAI datalists (``[{"image", "label"}, ...]``, the bundle
+            keys ``train#dataset#data`` / ``validate#dataset#data`` that MONAI Label's bundle
+            trainer sets). Given ``train_data``, ``dataset_dir``'s dataset.json only declares
+            the classes and modality; the lists are written as ``output_dir/datalist/dataset.json``
+            and split like any dataset.json: with ``validation_data`` those volumes validate and
+            nothing is tested; without, validation and test slices are held out of the
+            training volumes (``data.holdout``).
     """
 
     def __init__(self, dataset_dir: str | Path, output_dir: str | Path, shots: float = 5, strategy: str = "total",
                  seed: int = 0, axis: int = 2, image_size: int = 256, augment: bool = True,
-                 rotation_degrees: float = 15.0, spacing: str = "random") -> None:
+                 rotation_degrees: float = 15.0, spacing: str = "random", train_data: list | None = None,
+                 validation_data: list | None = None) -> None:
         check_bundle_command_line()  # a misspelled --key stops here, before the dataset or manifest is touched
         if strategy not in FEWSHOT_STRATEGIES:
             raise ValueError(f"strategy must be one of {FEWSHOT_STRATEGIES}, got {strategy!r}")
@@ -42,6 +51,13 @@ class FewShotExperiment:
         if int(image_size) % 16:
             raise ValueError(f"image_size must be a multiple of 16, got {image_size!r}")
         self.dataset_json = ensure_demo_dataset(dataset_dir)
+        self.train_data, self.validation_data = train_data, validation_data
+        if train_data is not None:
+            self.dataset_json = write_datalist_dataset(train_data, validation_data, self.dataset_json,
+                                                       Path(output_dir) / "datalist")
+        elif validation_data:
+            raise ValueError("validate#dataset#data is set but train#dataset#data is not: give the training "
+                             "datalist too (the validation volumes alone cannot train)")
         self.manifest_path = fewshot_command(self.dataset_json, shots, strategy=strategy, seed=seed,
                                              out=str(Path(output_dir) / "fewshot_manifest.json"), axis=axis,
                                              spacing=spacing)
@@ -52,7 +68,8 @@ class FewShotExperiment:
         self.train_dataset = SliceDataset.from_manifest(self.manifest, "fewshot", self.image_size,
                                                         transform=augmentation if augment else None)
         self.val_dataset = SliceDataset.from_manifest(self.manifest, "validation", self.image_size, labelled_only=True)
-        self.test_dataset = SliceDataset.from_manifest(self.manifest, "test", self.image_size)
+        # A dataset may declare validation volumes and no test: training then skips the test evaluation.
+        self.test_dataset = SliceDataset.from_manifest(self.manifest, "test", self.image_size, allow_empty=True)
 
     @property
     def num_classes(self) -> int:
@@ -80,3 +97,22 @@ class FewShotExperiment:
         sampler = DistributedSampler(data, shuffle=True, drop_last=True) if distributed else None
         return DataLoader(data, batch_size=batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
                           num_workers=num_workers)
+
+
+def experiment_dataset(experiment: FewShotExperiment, split: str, data: list | None = None) -> SliceDataset:
+    """The bundle configs' ``train#dataset`` / ``validate#dataset``: ``experiment``'s
+    ``fewshot`` (training), ``validation`` or ``test`` slice dataset.
+
+    ``data`` gives MONAI's datalist keys ``train#dataset#data`` / ``validate#dataset#data``
+    their standard place; the experiment reads them when it is built (they decide the
+    classes, the slices and the manifest), so ``data`` must be what it was given.
+    """
+    datasets = {"fewshot": experiment.train_dataset, "validation": experiment.val_dataset,
+                "test": experiment.test_dataset}
+    if split not in datasets:
+        raise ValueError(f"split must be one of {sorted(datasets)}, got {split!r}")
+    given = {"fewshot": experiment.train_data, "validation": experiment.validation_data}.get(split)
+    if data is not None and data != given:
+        raise ValueError(f"the {split} datalist differs from the one the experiment was built with: pass "
+                         f"train#dataset#data / validate#dataset#data to the experiment (train_data / validation_data)")
+    return datasets[split]

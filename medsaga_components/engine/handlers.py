@@ -49,6 +49,15 @@ def best_plain_model(network: nn.Module, model_path: Path) -> nn.Module:
     return plain
 
 
+def has_test_slices(dataset: SliceDataset) -> bool:
+    """False, with a log line, when there is nothing to test (a datalist given with its own
+    validation volumes, ``train#dataset#data`` + ``validate#dataset#data``, declares no test)."""
+    if len(dataset):
+        return True
+    logger.info("no test slices (the dataset declares none): test evaluation skipped")
+    return False
+
+
 class EvaluateOnTestVolumes:
     """When training completes: load the best plain model and evaluate it on the held-out
     test volumes (Dice and HD95 per class and volume, NIfTI predictions, overlays, report).
@@ -70,6 +79,8 @@ class EvaluateOnTestVolumes:
         trainer.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict:
+        if not has_test_slices(self.dataset):
+            return {}
         network = best_plain_model(self.network, self.model_path).to(self.device)
         summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size,
                                         self.test_time_flips, self.prompts)
