@@ -293,9 +293,9 @@ class EvaluateBoxPromptedOnTestVolumes:
         trainer.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict:
+        network = best_plain_model(self.network, self.model_path)
         if not has_test_slices(self.dataset):
             return {}
-        network = best_plain_model(self.network, self.model_path)
         summary = evaluate_box_prompted(network.to(self.device), self.dataset, self.output_dir, self.device,
                                         self.batch_size, self.test_time_flips, self.boxes, self.modalities)
         logger.info("test mean Dice %.4f (%s boxes) -> %s", summary["mean_dice"], self.boxes, self.output_dir)

@@ -79,9 +79,9 @@ class EvaluateOnTestVolumes:
         trainer.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict:
+        network = best_plain_model(self.network, self.model_path).to(self.device)
         if not has_test_slices(self.dataset):
             return {}
-        network = best_plain_model(self.network, self.model_path).to(self.device)
         summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size,
                                         self.test_time_flips, self.prompts)
         logger.info("test mean Dice %.4f -> %s", summary["mean_dice"], self.output_dir)
