@@ -47,6 +47,21 @@ def test_ssam_paper_setting_trains_singular_values_norms_pos_embed_and_class_pro
     assert not any("transformer.layers.0.mlp" in n or n.endswith("qkv.weight") for n in names)
 
 
+def test_cheap_lunch_default_trains_the_decoder_and_its_paper_setting_puts_lora_there():
+    from medsaga_components.methods import CHEAP_LUNCH_PAPER_LORA, CHEAP_LUNCH_PAPER_TRAINED_IN_FULL
+
+    def trainable_decoder(method):
+        net = build_network(method, "lite_medsam_tiny", num_classes=2, checkpoint=None, image_size=64)
+        return [n for n in _trainable(net) if n.startswith("backbone.mask_decoder.transformer.")]
+
+    default = trainable_decoder("cheap_lunch")
+    assert any(n.endswith("self_attn.q_proj.weight") for n in default) and not any(".lora." in n for n in default)
+    paper = trainable_decoder(get_method("cheap_lunch", lora=CHEAP_LUNCH_PAPER_LORA,
+                                         trained_in_full=CHEAP_LUNCH_PAPER_TRAINED_IN_FULL))
+    assert paper and all(".lora." in n for n in paper)
+    assert {n.split(".lora.")[0].rsplit(".", 1)[1] for n in paper} == {"q_proj", "v_proj"}
+
+
 def test_ssam_default_also_trains_the_mask_decoder():
     net = build_network("ssam", "vit_tiny", num_classes=2, checkpoint=None, image_size=64)
     assert all(p.requires_grad for p in net.backbone.mask_decoder.parameters())
