@@ -54,7 +54,7 @@ def has_test_slices(dataset: SliceDataset) -> bool:
     validation volumes, ``train#dataset#data`` + ``validate#dataset#data``, declares no test)."""
     if len(dataset):
         return True
-    logger.info("no test slices (the dataset declares none): test evaluation skipped")
+    logger.warning("no test slices (the dataset declares none): test evaluation skipped")
     return False
 
 
