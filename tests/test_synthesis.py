@@ -11,6 +11,7 @@ from medsaga_components.data import SliceDataset
 from medsaga_components.data.synthesis import (
     ExemplarSynthesisDataset,
     StepsPerEpochSampler,
+    TrainingSlices,
     geometric_transforms,
     intensity_transforms,
     paste_foreground,
@@ -166,6 +167,26 @@ def test_an_epoch_is_steps_per_epoch_batches_whatever_the_set_size():
     long = StepsPerEpochSampler(data, samples_per_replica=30, seed=3)
     drawn = list(long)
     assert sorted(drawn[:21]) == data  # every index once before any twice
+
+
+def test_real_share_draws_that_share_of_an_epoch_from_the_exemplars():
+    data = TrainingSlices([list(range(5)), list(range(40))])  # 5 exemplars, 8 synthetic pairs each
+    for share, expected_real in ((0.5, 5), (0.0, 0), (1.0, 10), (0.3, 3)):
+        sampler = StepsPerEpochSampler(data, samples_per_replica=10, seed=1, real_share=share)
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            drawn = list(sampler)
+            real = [i for i in drawn if i < 5]
+            assert len(drawn) == 10 and len(real) == expected_real, (share, drawn)
+            counts = [real.count(i) for i in range(5)]
+            assert max(counts) - min(counts) <= 1  # every exemplar once before any twice
+            assert all(0 <= i < 45 for i in drawn)
+    uniform = StepsPerEpochSampler(data, samples_per_replica=450, seed=1)  # None: the set alike, a ninth real
+    assert sum(i < 5 for i in uniform) == 50
+    with pytest.raises(ValueError, match="synthesis_real_share must be in"):
+        StepsPerEpochSampler(data, samples_per_replica=10, real_share=1.5)
+    with pytest.raises(ValueError, match="exemplars \\+ synthetic pairs"):
+        StepsPerEpochSampler(list(range(5)), samples_per_replica=10, real_share=0.5)
 
 
 def test_the_synthesis_loader_gives_steps_per_epoch_batches(exemplars):

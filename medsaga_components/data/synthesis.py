@@ -198,31 +198,62 @@ class StepsPerEpochSampler(DistributedSampler):
     """``samples_per_replica`` shuffled indices per epoch (and per process under torchrun),
     whatever the dataset's length: an epoch stays ``steps_per_epoch`` batches when synthetic
     pairs make the training set larger than k. New order every epoch (``set_epoch``, which
-    MONAI's trainer calls on a ``DistributedSampler``); every index once before any twice."""
+    MONAI's trainer calls on a ``DistributedSampler``); every index once before any twice.
 
-    def __init__(self, dataset: Dataset, samples_per_replica: int, distributed: bool = False, seed: int = 0) -> None:
+    ``real_share``: for a ``TrainingSlices`` (exemplars first, then synthetic pairs), the share
+    of each epoch's samples drawn from the exemplars (rounded; each part cycled on its own, every
+    index once before any twice). None draws from the whole set alike, where k real slices
+    among 8k synthetic ones are a ninth of what the model sees.
+    """
+
+    def __init__(self, dataset: Dataset, samples_per_replica: int, distributed: bool = False, seed: int = 0,
+                 real_share: float | None = None) -> None:
         if distributed:
             super().__init__(dataset, shuffle=True, seed=seed)
         else:
             super().__init__(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
         self.samples_per_replica = int(samples_per_replica)
+        if real_share is not None:
+            if not 0.0 <= float(real_share) <= 1.0:
+                raise ValueError(f"synthesis_real_share must be in [0, 1] or null, got {real_share!r}")
+            if not isinstance(dataset, ConcatDataset) or len(dataset.datasets) != 2:
+                raise ValueError("real_share needs the training set as exemplars + synthetic pairs (TrainingSlices)")
+        self.real_share = None if real_share is None else float(real_share)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         total = self.samples_per_replica * self.num_replicas
-        rounds = -(-total // len(self.dataset))
-        order = torch.cat([torch.randperm(len(self.dataset), generator=generator) for _ in range(rounds)])[:total]
+        if self.real_share is None:
+            order = _cycled_permutation(len(self.dataset), total, generator)
+        else:
+            real = len(self.dataset.datasets[0])
+            n_real = round(total * self.real_share)
+            drawn = torch.cat([_cycled_permutation(real, n_real, generator),
+                               real + _cycled_permutation(len(self.dataset) - real, total - n_real, generator)])
+            order = drawn[torch.randperm(total, generator=generator)]
         return iter(order[self.rank::self.num_replicas].tolist())
 
     def __len__(self) -> int:
         return self.samples_per_replica
 
 
+def _cycled_permutation(n: int, total: int, generator: torch.Generator) -> torch.Tensor:
+    """``total`` indices of ``range(n)``: shuffled rounds, every index once before any twice."""
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long)
+    rounds = -(-total // n)
+    return torch.cat([torch.randperm(n, generator=generator) for _ in range(rounds)])[:total]
+
+
 def synthesis_train_loader(experiment, batch_size: int, steps_per_epoch: int, distributed: bool = False,
-                           seed: int = 0) -> DataLoader:
+                           seed: int = 0, real_share: float | None = None) -> DataLoader:
     """``steps_per_epoch`` batches of ``batch_size`` per epoch from ``experiment.train_dataset``
-    (exemplars and synthetic pairs), as ``FewShotExperiment.train_loader`` gives for k slices."""
-    sampler = StepsPerEpochSampler(experiment.train_dataset, int(batch_size) * int(steps_per_epoch), distributed, seed)
+    (exemplars and synthetic pairs), as ``FewShotExperiment.train_loader`` gives for k slices;
+    ``real_share`` of the samples from the exemplars when synthesis is on (``StepsPerEpochSampler``)."""
+    if not isinstance(experiment.train_dataset, TrainingSlices):
+        real_share = None  # synthesis off: the exemplars are the whole set
+    sampler = StepsPerEpochSampler(experiment.train_dataset, int(batch_size) * int(steps_per_epoch), distributed, seed,
+                                   real_share)
     return DataLoader(experiment.train_dataset, batch_size=int(batch_size), sampler=sampler, drop_last=True)
 
 
