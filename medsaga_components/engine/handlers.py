@@ -15,6 +15,7 @@ from ..data import SliceDataset
 from ..evaluation import evaluate_slice_dataset
 from .export import merge_adapters, save_plain_model
 from .flips import with_test_time_flips
+from .zoom_inference import with_zoom
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ def has_test_slices(dataset: SliceDataset) -> bool:
 class EvaluateOnTestVolumes:
     """When training completes: load the best plain model and evaluate it on the held-out
     test volumes (Dice and HD95 per class and volume, NIfTI predictions, overlays, report).
-    ``test_time_flips``, ``prompts``: see ``evaluate_test_volumes``."""
+    ``test_time_flips``, ``prompts``, ``zoom``: see ``evaluate_test_volumes``."""
 
     def __init__(self, network: nn.Module, model_path: str | Path, dataset: SliceDataset, output_dir: str | Path,
                  device: str | torch.device = "cpu", batch_size: int = 4, test_time_flips: bool = False,
-                 prompts: Callable | None = None) -> None:
+                 prompts: Callable | None = None, zoom: float = 1.0) -> None:
         self.network = network
         self.model_path = Path(model_path)
         self.dataset = dataset
@@ -74,6 +75,7 @@ class EvaluateOnTestVolumes:
         self.batch_size = batch_size
         self.test_time_flips = test_time_flips
         self.prompts = prompts
+        self.zoom = zoom
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.COMPLETED, self)
@@ -83,14 +85,14 @@ class EvaluateOnTestVolumes:
         if not has_test_slices(self.dataset):
             return {}
         summary = evaluate_test_volumes(network, self.dataset, self.output_dir, self.device, self.batch_size,
-                                        self.test_time_flips, self.prompts)
+                                        self.test_time_flips, self.prompts, self.zoom)
         logger.info("test mean Dice %.4f -> %s", summary["mean_dice"], self.output_dir)
         return summary
 
 
 def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir: str | Path,
                           device: str | torch.device = "cpu", batch_size: int = 4,
-                          test_time_flips: bool = False, prompts: Callable | None = None) -> dict:
+                          test_time_flips: bool = False, prompts: Callable | None = None, zoom: float = 1.0) -> dict:
     """Predict every slice with ``network`` in eval mode and evaluate per volume: its class
     logits [B, N + 1, S, S] are resized to each slice's grid, then argmax (the same
     ``square_logits_to_labels`` as ``run inference``).
@@ -100,9 +102,13 @@ def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir:
     ``prompts(labels)`` gives each slice's prompts from its ground truth (the stand-in for a
     user's clicks or boxes), or an object whose ``logits(network, images)`` finds them itself
     (``point_inference.AutomaticPoints``); flips do not mirror prompts, so they cannot be combined.
+    ``zoom``: > 1 reads each slice at that scale with a sliding window (``zoom_inference``), for
+    networks trained on zoomed crops; prompt-free only.
     """
     device = torch.device(device)
     if prompts is not None:
+        if zoom != 1:
+            raise ValueError("zoom cannot be combined with prompts (their pixels would not match the windows)")
         if test_time_flips:
             raise ValueError("test_time_flips cannot be combined with prompts (FlipAveraged does not mirror them): "
                              "set test_time_flips false for a prompted bundle")
@@ -118,7 +124,7 @@ def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir:
                                       predict_from_batch=True)
     # eval(): batch norms (TinyViT's conv stage) must use their running statistics, not the
     # test batch's, and must not update them.
-    network = with_test_time_flips(network.eval(), test_time_flips)
+    network = with_test_time_flips(with_zoom(network.eval(), zoom), test_time_flips)
 
     @torch.no_grad()
     def predict(images: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,11 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
+from torch import nn
 
 from ..data.square_resize import fit_to_square, square_logits_to_slice
 from .flips import with_test_time_flips
+from .zoom_inference import with_zoom
 
 
 class SquareSliceInferer(Inferer):
@@ -28,10 +30,12 @@ class SquareSliceInferer(Inferer):
         batch_size: slices per network call.
         test_time_flips: average the logits over the four in-plane flips of each slice
             (``FlipAveraged``); four network calls per slice.
+        zoom: > 1 reads each slice at that scale with a sliding window (``ZoomedSlidingWindow``),
+            for networks trained with the same ``zoom``.
     """
 
     def __init__(self, image_size: int = 256, axis: int = 2, batch_size: int = 8,
-                 test_time_flips: bool = False) -> None:
+                 test_time_flips: bool = False, zoom: float = 1.0) -> None:
         super().__init__()
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
@@ -39,12 +43,14 @@ class SquareSliceInferer(Inferer):
         self.axis = axis
         self.batch_size = batch_size
         self.test_time_flips = bool(test_time_flips)
+        self.zoom = float(zoom)
+        with_zoom(nn.Identity(), self.zoom)  # an invalid zoom fails here, not at the first volume
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         if inputs.ndim != 5:
             raise ValueError(f"expected a volume [B, C, X, Y, Z], got {tuple(inputs.shape)}")
         dim = 2 + self.axis
-        network = with_test_time_flips(network, self.test_time_flips)
+        network = with_test_time_flips(with_zoom(network, self.zoom), self.test_time_flips)
         # Work on plain tensors; the volume's metadata (affine, file name) is put back at the end.
         volume = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         moved = volume.movedim(dim, 1)  # [B, D, C, H, W]
