@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_values import as_bool
 from .data.modalities import MODALITIES, check_modalities, modality_index
 from .prompts import PROMPT_KINDS, PromptEmbeddings, PromptKind
 
@@ -158,8 +159,8 @@ class McpPrompt(PromptKind):
         self.class_tokens = nn.Parameter(torch.randn(num_classes, embed_dim))
         self.modality_tokens = nn.Embedding(len(self.modalities), embed_dim)
         self.content_encoder = ContentEncoder(embed_dim)
-        self.register_buffer("use_modality", torch.tensor(bool(modality_prompt)))
-        self.register_buffer("use_content", torch.tensor(bool(content_prompt)))
+        self.register_buffer("use_modality", torch.tensor(as_bool(modality_prompt, "modality_prompt")))
+        self.register_buffer("use_content", torch.tensor(as_bool(content_prompt, "content_prompt")))
         # -1: none; a served model keeps the default of the data it was trained on.
         self.register_buffer("default_modality", torch.tensor(-1 if default_modality is None else modality_index(
             default_modality, self.modalities, where="default_modality")))

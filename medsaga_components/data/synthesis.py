@@ -44,6 +44,7 @@ from monai.transforms import (
 )
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
+from medsaga_components.config_values import as_bool
 from medsaga_components.data.dataset import SliceDataset
 from medsaga_components.data.manifest import SliceRef, write_manifest
 
@@ -262,10 +263,7 @@ def with_exemplar_synthesis(experiment, enabled: bool = True, pairs_per_exemplar
     """``experiment`` (a ``FewShotExperiment``) whose training set is the augmented exemplars
     plus their synthetic pairs (when ``enabled``), with the synthesis settings written into
     its few-shot manifest (``"synthesis"``; ``{"enabled": false}`` when off). Returns it."""
-    if isinstance(enabled, str) and enabled.strip().lower() in ("true", "false"):  # `--synthesis false`
-        enabled = enabled.strip().lower() == "true"
-    if not isinstance(enabled, bool):
-        raise ValueError(f"synthesis must be true or false, got {enabled!r}")
+    enabled = as_bool(enabled, "synthesis")
     settings = {"enabled": enabled}
     if enabled:
         plain = SliceDataset(experiment.train_dataset.dataset, experiment.train_dataset.slices,

@@ -18,6 +18,8 @@ import ctypes
 import logging
 import sys
 
+from ..config_values import as_bool
+
 logger = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h)
@@ -36,7 +38,7 @@ def keep_freed_cpu_memory(enabled: bool = True, trim_threshold_bytes: int = TRIM
     it once, before training, in a process that trains (not in a long-lived server, which
     would then keep its peak memory).
     """
-    if not enabled or not sys.platform.startswith("linux"):
+    if not as_bool(enabled, "keep_freed_cpu_memory") or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

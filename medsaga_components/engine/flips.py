@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..config_values import as_bool
+
 # Identity, left-right, up-down, both: the flips the training augmentation draws.
 IN_PLANE_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
@@ -45,4 +47,4 @@ class FlipAveraged(nn.Module):
 
 def with_test_time_flips(network: nn.Module, enabled: bool) -> nn.Module:
     """``FlipAveraged(network)`` when ``enabled``, else ``network`` itself."""
-    return FlipAveraged(network) if enabled else network
+    return FlipAveraged(network) if as_bool(enabled, "test_time_flips") else network

@@ -11,6 +11,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from ..backbones.checkpoints import load_checkpoint, load_state_dict_strict
+from ..config_values import as_bool
 from ..data import SliceDataset
 from ..evaluation import evaluate_slice_dataset
 from .export import merge_adapters, save_plain_model
@@ -106,6 +107,7 @@ def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir:
     networks trained on zoomed crops; prompt-free only.
     """
     device = torch.device(device)
+    test_time_flips = as_bool(test_time_flips, "test_time_flips")
     if prompts is not None:
         if zoom != 1:
             raise ValueError("zoom cannot be combined with prompts (their pixels would not match the windows)")

@@ -53,6 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._segment_anything import ImageEncoderViT
+from ..config_values import as_bool
 from ..backbones.tiny_vit import MBConv, TinyViTEncoder
 from ..optimizers.layerwise import LayerwiseOptimizer
 
@@ -91,6 +92,8 @@ class MemoryConfig:
         """
         if isinstance(value, MemoryConfig):
             return value
+        if isinstance(value, str):  # `--memory_efficient false` on the command line
+            value = as_bool(value, "memory_efficient")
         if value is None or value is True:
             return cls()
         if value is False:

@@ -11,6 +11,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 from torch import nn
 
+from ..config_values import as_bool
 from ..data.square_resize import fit_to_square, square_logits_to_slice
 from .flips import with_test_time_flips
 from .zoom_inference import with_zoom
@@ -42,7 +43,7 @@ class SquareSliceInferer(Inferer):
         self.image_size = image_size
         self.axis = axis
         self.batch_size = batch_size
-        self.test_time_flips = bool(test_time_flips)
+        self.test_time_flips = as_bool(test_time_flips, "test_time_flips")
         self.zoom = float(zoom)
         with_zoom(nn.Identity(), self.zoom)  # an invalid zoom fails here, not at the first volume
 

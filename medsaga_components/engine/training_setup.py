@@ -26,6 +26,7 @@ from monai.handlers import TensorBoardStatsHandler, ValidationHandler, from_engi
 from torch import nn
 
 from ..backbones.checkpoints import CheckpointError, load_checkpoint, load_state_dict_strict
+from ..config_values import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ def prepare_training(trainer: Engine, network: nn.Module, optimizer, lr_schedule
         validator: the evaluator whose best metric is kept; by default the one the trainer's
             ``ValidationHandler`` runs.
     """
+    resume, tensorboard = as_bool(resume, "resume"), as_bool(tensorboard, "tensorboard")
     entries = checkpoint_entries(trainer, network, optimizer, lr_scheduler, validator)
     if resume:
         path = latest_checkpoint(checkpoint_dir)
