@@ -71,11 +71,9 @@ class FewShotExperiment:
                                                max_rotation_degrees=rotation_degrees)
         self.train_dataset = SliceDataset.from_manifest(self.manifest, "fewshot", self.image_size,
                                                         transform=augmentation if augment else None)
-        if zoom > 1:  # after the flips, so that every window of every mirrored view can be drawn
+        if zoom != 1:  # after the flips, so that every window of every mirrored view can be drawn
             crops = zoomed_crop_transforms(self.image_size, zoom, self.train_dataset.num_classes - 1)
             self.train_dataset.transform = Compose([self.train_dataset.transform, crops]) if augment else crops
-        elif zoom < 1:
-            raise ValueError(f"zoom must be >= 1 (1: whole slices), got {zoom!r}")
         self.val_dataset = SliceDataset.from_manifest(self.manifest, "validation", self.image_size, labelled_only=True)
         # A dataset may declare validation volumes and no test: training then skips the test evaluation.
         self.test_dataset = SliceDataset.from_manifest(self.manifest, "test", self.image_size, allow_empty=True)

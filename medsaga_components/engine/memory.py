@@ -53,8 +53,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._segment_anything import ImageEncoderViT
-from ..config_values import as_bool
 from ..backbones.tiny_vit import MBConv, TinyViTEncoder
+from ..config_values import as_bool
 from ..optimizers.layerwise import LayerwiseOptimizer
 
 logger = logging.getLogger(__name__)

@@ -72,8 +72,4 @@ class ZoomInferer(Inferer):
         self.zoom = float(zoom)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.zoom == 1:
-            return network(inputs, *args, **kwargs)
-        if args or kwargs:
-            raise ValueError("zoomed inference is prompt-free: the prompts' pixels would not match its windows")
-        return zoomed_logits(network, inputs, self.zoom)
+        return with_zoom(network, self.zoom)(inputs, *args, **kwargs)
