@@ -18,7 +18,7 @@ from .memory import MemoryConfig, enable_memory_efficient_training
 from .prediction_writer import AtomicNibabelWriter, register_atomic_nifti_writer
 from .schedules import warmup_poly_scheduler
 from .slice_inferer import SquareSliceInferer
-from .zoom_inference import ZoomedSlidingWindow, ZoomInferer, with_zoom
+from .zoom_inference import StructureCropTwoPass, ZoomedSlidingWindow, ZoomInferer, with_zoom, zoom_setting
 from .stopping import TrainUntilPlateau
 from .training_setup import prepare_training
 from .transforms import ScaleIntensityForModalityd
@@ -69,4 +69,4 @@ def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
 __all__ = ["AtomicNibabelWriter", "FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
            "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer", "TrainUntilPlateau",
            "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "check_model_file", "prepare_training",
-           "list_volumes", "dataset_modality", "FlipAveraged", "with_test_time_flips", "ZoomedSlidingWindow", "ZoomInferer", "with_zoom", "keep_freed_cpu_memory"]
+           "list_volumes", "dataset_modality", "FlipAveraged", "with_test_time_flips", "StructureCropTwoPass", "ZoomedSlidingWindow", "ZoomInferer", "with_zoom", "zoom_setting", "keep_freed_cpu_memory"]

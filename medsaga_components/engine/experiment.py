@@ -11,8 +11,10 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from ..data import SliceDataset, augmentation_transforms, ensure_demo_dataset, fewshot_command, read_manifest
 from ..data.datalist import write_datalist_dataset
 from ..data.fewshot import STRATEGIES as FEWSHOT_STRATEGIES
+from ..data.structure_crops import StructureCropd
 from ..data.zoom_crops import zoomed_crop_transforms
 from .command_line import check_bundle_command_line
+from .zoom_inference import STRUCTURES, zoom_setting
 
 
 class FewShotExperiment:
@@ -33,7 +35,9 @@ class FewShotExperiment:
         augment: random flips (and rotations up to ``rotation_degrees``) of the few-shot slices.
         rotation_degrees: 0 for flips only, e.g. when every scan shares one orientation.
         zoom: > 1 trains on windows of the slices scaled by ``zoom``, centred on the classes
-            (``data.zoom_crops``; inference must then read the same scale, ``engine.zoom_inference``).
+            (``data.zoom_crops``); ``"structures"`` on whole slices and squares around the
+            labelled structures (``data.structure_crops``). Inference must then read the same
+            way (``engine.zoom_inference``).
         train_data, validation_data: MONAI datalists (``[{"image", "label"}, ...]``, the bundle
             keys ``train#dataset#data`` / ``validate#dataset#data`` that MONAI Label's bundle
             trainer sets). Given ``train_data``, ``dataset_dir``'s dataset.json only declares
@@ -46,7 +50,7 @@ class FewShotExperiment:
     def __init__(self, dataset_dir: str | Path, output_dir: str | Path, shots: float = 5, strategy: str = "total",
                  seed: int = 0, axis: int = 2, image_size: int = 256, augment: bool = True,
                  rotation_degrees: float = 15.0, spacing: str = "random", train_data: list | None = None,
-                 validation_data: list | None = None, zoom: float = 1.0) -> None:
+                 validation_data: list | None = None, zoom: float | str = 1.0) -> None:
         check_bundle_command_line()  # a misspelled --key stops here, before the dataset or manifest is touched
         if strategy not in FEWSHOT_STRATEGIES:
             raise ValueError(f"strategy must be one of {FEWSHOT_STRATEGIES}, got {strategy!r}")
@@ -71,8 +75,10 @@ class FewShotExperiment:
                                                max_rotation_degrees=rotation_degrees)
         self.train_dataset = SliceDataset.from_manifest(self.manifest, "fewshot", self.image_size,
                                                         transform=augmentation if augment else None)
+        zoom = zoom_setting(zoom)
         if zoom != 1:  # after the flips, so that every window of every mirrored view can be drawn
-            crops = zoomed_crop_transforms(self.image_size, zoom, self.train_dataset.num_classes - 1)
+            crops = StructureCropd() if zoom == STRUCTURES else zoomed_crop_transforms(
+                self.image_size, zoom, self.train_dataset.num_classes - 1)
             self.train_dataset.transform = Compose([self.train_dataset.transform, crops]) if augment else crops
         self.val_dataset = SliceDataset.from_manifest(self.manifest, "validation", self.image_size, labelled_only=True)
         # A dataset may declare validation volumes and no test: training then skips the test evaluation.

@@ -16,7 +16,7 @@ from ..data import SliceDataset
 from ..evaluation import evaluate_slice_dataset
 from .export import merge_adapters, save_plain_model
 from .flips import with_test_time_flips
-from .zoom_inference import with_zoom
+from .zoom_inference import with_zoom, zoom_setting
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class EvaluateOnTestVolumes:
 
     def __init__(self, network: nn.Module, model_path: str | Path, dataset: SliceDataset, output_dir: str | Path,
                  device: str | torch.device = "cpu", batch_size: int = 4, test_time_flips: bool = False,
-                 prompts: Callable | None = None, zoom: float = 1.0) -> None:
+                 prompts: Callable | None = None, zoom: float | str = 1.0) -> None:
         self.network = network
         self.model_path = Path(model_path)
         self.dataset = dataset
@@ -93,7 +93,8 @@ class EvaluateOnTestVolumes:
 
 def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir: str | Path,
                           device: str | torch.device = "cpu", batch_size: int = 4,
-                          test_time_flips: bool = False, prompts: Callable | None = None, zoom: float = 1.0) -> dict:
+                          test_time_flips: bool = False, prompts: Callable | None = None,
+                          zoom: float | str = 1.0) -> dict:
     """Predict every slice with ``network`` in eval mode and evaluate per volume: its class
     logits [B, N + 1, S, S] are resized to each slice's grid, then argmax (the same
     ``square_logits_to_labels`` as ``run inference``).
@@ -103,11 +104,12 @@ def evaluate_test_volumes(network: nn.Module, dataset: SliceDataset, output_dir:
     ``prompts(labels)`` gives each slice's prompts from its ground truth (the stand-in for a
     user's clicks or boxes), or an object whose ``logits(network, images)`` finds them itself
     (``point_inference.AutomaticPoints``); flips do not mirror prompts, so they cannot be combined.
-    ``zoom``: > 1 reads each slice at that scale with a sliding window (``zoom_inference``), for
-    networks trained on zoomed crops; prompt-free only.
+    ``zoom``: a number > 1 or ``"structures"`` reads each slice at a higher scale
+    (``zoom_inference.with_zoom``), for networks trained on the same crops; prompt-free only.
     """
     device = torch.device(device)
     test_time_flips = as_bool(test_time_flips, "test_time_flips")
+    zoom = zoom_setting(zoom)
     if prompts is not None:
         if zoom != 1:
             raise ValueError("zoom cannot be combined with prompts (their pixels would not match the windows)")

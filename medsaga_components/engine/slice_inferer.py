@@ -14,7 +14,7 @@ from torch import nn
 from ..config_values import as_bool
 from ..data.square_resize import fit_to_square, square_logits_to_slice
 from .flips import with_test_time_flips
-from .zoom_inference import with_zoom
+from .zoom_inference import with_zoom, zoom_setting
 
 
 class SquareSliceInferer(Inferer):
@@ -32,11 +32,12 @@ class SquareSliceInferer(Inferer):
         test_time_flips: average the logits over the four in-plane flips of each slice
             (``FlipAveraged``); four network calls per slice.
         zoom: > 1 reads each slice at that scale with a sliding window (``ZoomedSlidingWindow``),
-            for networks trained with the same ``zoom``.
+            ``"structures"`` in two passes (``StructureCropTwoPass``); for networks trained
+            with the same ``zoom``.
     """
 
     def __init__(self, image_size: int = 256, axis: int = 2, batch_size: int = 8,
-                 test_time_flips: bool = False, zoom: float = 1.0) -> None:
+                 test_time_flips: bool = False, zoom: float | str = 1.0) -> None:
         super().__init__()
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
@@ -44,8 +45,7 @@ class SquareSliceInferer(Inferer):
         self.axis = axis
         self.batch_size = batch_size
         self.test_time_flips = as_bool(test_time_flips, "test_time_flips")
-        self.zoom = float(zoom)
-        with_zoom(nn.Identity(), self.zoom)  # an invalid zoom fails here, not at the first volume
+        self.zoom = zoom_setting(zoom)  # an invalid zoom fails here, not at the first volume
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         if inputs.ndim != 5:

@@ -1,10 +1,16 @@
-"""Prompt-free inference at a higher scale: the slice scaled by ``zoom`` and read by a
-sliding window of the network's own side, for networks trained on zoomed crops
-(``data.zoom_crops``).
+"""Prompt-free inference at a higher scale, for networks trained on zoomed crops.
 
-:class:`ZoomedSlidingWindow` wraps a network like ``FlipAveraged`` does (test evaluation,
-``run inference``, MONAI Label); :class:`ZoomInferer` is the same for a MONAI evaluator
-(validation). With ``zoom`` 1 both are the network itself.
+The bundles' ``zoom`` key takes three kinds of value (``zoom_setting``):
+
+* 1: the whole slice at once (the default);
+* a number > 1: the slice scaled by ``zoom`` and read by a sliding window of the network's own
+  side (:class:`ZoomedSlidingWindow`; trained on ``data.zoom_crops``);
+* ``"structures"``: two passes of one network, the whole slice first, then the square around
+  what it found, scaled to the network's side (:class:`StructureCropTwoPass`; trained on
+  ``data.structure_crops``).
+
+``with_zoom`` wraps a network like ``FlipAveraged`` does (test evaluation, ``run inference``,
+MONAI Label); :class:`ZoomInferer` is the same for a MONAI evaluator (validation).
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
 from torch import nn
+
+from ..data.structure_crops import crop_square, paste_square, square_around
+
+STRUCTURES = "structures"
 
 
 def zoomed_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, zoom: float,
@@ -56,20 +66,69 @@ class ZoomedSlidingWindow(nn.Module):
         return zoomed_logits(self.network, image, self.zoom, self.overlap)
 
 
-def with_zoom(network: nn.Module, zoom: float = 1.0) -> nn.Module:
-    """``ZoomedSlidingWindow(network, zoom)`` when ``zoom`` > 1, else ``network`` itself."""
-    if zoom < 1:
-        raise ValueError(f"zoom must be >= 1 (1: the whole slice at once), got {zoom!r}")
+class StructureCropTwoPass(nn.Module):
+    """``network`` in two passes: ``[B, C, S, S] -> [B, N + 1, S, S]``.
+
+    The first pass reads the whole slice; the square around every pixel it assigns to a class
+    (``data.structure_crops.square_around``, ``margin`` of the box's longer side on each side)
+    is scaled to S and read again, and its logits replace the first pass's inside the square.
+    A slice where the first pass finds nothing keeps the first pass's logits. The network is
+    the one trained with ``StructureCropd``, which shows it both whole slices and such squares.
+    """
+
+    def __init__(self, network: nn.Module, margin: float = 0.3, min_side_fraction: float = 0.25) -> None:
+        super().__init__()
+        self.network = network
+        self.margin = float(margin)
+        self.min_side_fraction = float(min_side_fraction)
+
+    def forward(self, image: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:
+            raise ValueError("zoom 'structures' is prompt-free: the prompts' pixels would not match the crop")
+        if image.ndim != 4:
+            raise ValueError(f"expected image [B, C, S, S], got {tuple(image.shape)}")
+        logits = self.network(image)
+        size = image.shape[-1]
+        squares = [square_around(found > 0, self.margin, self.min_side_fraction * size)
+                   for found in logits.argmax(dim=1)]
+        chosen = [i for i, square in enumerate(squares) if square is not None]
+        if not chosen:
+            return logits
+        crops = self.network(torch.stack([crop_square(image[i], squares[i], size) for i in chosen]))
+        pasted = list(logits.unbind(0))
+        for crop, i in zip(crops, chosen):
+            pasted[i] = paste_square(logits[i], crop, squares[i])
+        return torch.stack(pasted)
+
+
+def zoom_setting(value: Any) -> float | str:
+    """The ``zoom`` key read: a number >= 1, or ``"structures"`` (any case); else an error naming it."""
+    if isinstance(value, str) and value.strip().lower() == STRUCTURES:
+        return STRUCTURES
+    try:
+        zoom = float(value)
+    except (TypeError, ValueError):
+        zoom = None
+    if zoom is None or not zoom >= 1:
+        raise ValueError(f"zoom must be a number >= 1 (1: the whole slice at once) or {STRUCTURES!r}, got {value!r}")
+    return zoom
+
+
+def with_zoom(network: nn.Module, zoom: float | str = 1.0) -> nn.Module:
+    """``network`` read at the ``zoom`` setting: ``StructureCropTwoPass`` for ``"structures"``,
+    ``ZoomedSlidingWindow`` for a number > 1, the network itself for 1."""
+    zoom = zoom_setting(zoom)
+    if zoom == STRUCTURES:
+        return StructureCropTwoPass(network)
     return ZoomedSlidingWindow(network, zoom) if zoom > 1 else network
 
 
 class ZoomInferer(Inferer):
-    """MONAI inferer: ``network`` on ``[B, C, S, S]`` inputs at ``zoom`` times the scale (1: as is)."""
+    """MONAI inferer: ``network`` on ``[B, C, S, S]`` inputs at the ``zoom`` setting (1: as is)."""
 
-    def __init__(self, zoom: float = 1.0) -> None:
+    def __init__(self, zoom: float | str = 1.0) -> None:
         super().__init__()
-        with_zoom(nn.Identity(), zoom)  # the same check as test evaluation and inference
-        self.zoom = float(zoom)
+        self.zoom = zoom_setting(zoom)  # the same check as test evaluation and inference
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         return with_zoom(network, self.zoom)(inputs, *args, **kwargs)
