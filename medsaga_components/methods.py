@@ -216,13 +216,18 @@ class Method:
     def build_scheduler(self, optimizer: torch.optim.Optimizer, max_iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
         return warmup_poly_scheduler(optimizer, max_iterations, self.warmup_iterations, self.poly_power)
 
-    def build_loss(self) -> nn.Module:
-        """Loss on ``[B, N+1, H, W]`` logits and ``[B, 1, H, W]`` class-index labels."""
+    def build_loss(self, class_weights: torch.Tensor | None = None) -> nn.Module:
+        """Loss on ``[B, N+1, H, W]`` logits and ``[B, 1, H, W]`` class-index labels.
+
+        ``class_weights``: ``[N + 1]`` weights of the classes (background first) in both the
+        cross-entropy and the Dice terms (``data.class_weights``); softmax losses only."""
+        if class_weights is not None and self.loss != "dice_ce":
+            raise ValueError(f"class_weights apply to the softmax loss (dice_ce); method {self.name!r} uses {self.loss!r}")
         if self.loss == "dice_bce":
             return DiceBceLoss()
         if self.loss == "dice_ce":
             return DiceCELoss(to_onehot_y=True, softmax=True, include_background=self.dice_background,
-                              lambda_ce=self.ce_weight, lambda_dice=0.8)
+                              lambda_ce=self.ce_weight, lambda_dice=0.8, weight=class_weights)
         # Per-class queries: each foreground channel is its own sigmoid mask (background is 0).
         return DiceFocalLoss(to_onehot_y=True, sigmoid=True, include_background=False)
 
@@ -314,5 +319,5 @@ def build_scheduler(method: str | Method, optimizer: torch.optim.Optimizer, max_
     return get_method(method).build_scheduler(optimizer, max_iterations)
 
 
-def build_loss(method: str | Method) -> nn.Module:
-    return get_method(method).build_loss()
+def build_loss(method: str | Method, class_weights: torch.Tensor | None = None) -> nn.Module:
+    return get_method(method).build_loss(class_weights)
