@@ -2,8 +2,8 @@
 
 Small structures lie close together (the AAL task's four classes all sit in the middle third
 of an axial slice), so one square around all of them, with a margin of surrounding anatomy,
-shows them at two to three times the scale of the whole slice and keeps both hemispheres and
-the landmarks between them in view. Sliding windows (``data.zoom_crops``) zoom as much but
+shows them larger than the whole slice does (1.4 to 2 times on the AAL task's slices) and keeps
+both hemispheres and the landmarks between them in view. Sliding windows (``data.zoom_crops``) zoom as much but
 show a quarter of the slice, too little to tell the structures apart.
 
 ``StructureCropd`` trains on such squares (from the label) and on whole slices; at inference

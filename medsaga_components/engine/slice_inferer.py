@@ -9,7 +9,6 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
-from torch import nn
 
 from ..config_values import as_bool
 from ..data.square_resize import fit_to_square, square_logits_to_slice
