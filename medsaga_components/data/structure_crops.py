@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import MapTransform, Randomizable
 
+from .dataset import _plain  # MetaTensor -> plain tensor, as the slice dataset does
+
 
 def square_around(mask: torch.Tensor, margin: float, min_side: float) -> tuple[float, float, float] | None:
     """The square ``(centre_x, centre_y, side)`` in pixels (pixel ``i`` spans ``[i, i + 1)``)
@@ -106,7 +108,3 @@ class StructureCropd(Randomizable, MapTransform):
             label = crop_square(label, square, size, mode="nearest").round().to(label.dtype)
         # plain tensors either way, so that whole slices and crops collate into one batch
         return {**data, "image": image.to(_plain(data["image"]).dtype), "label": label}
-
-
-def _plain(x) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
