@@ -32,7 +32,7 @@ from .backbones import build_backbone
 from .backbones.checkpoints import load_checkpoint, load_state_dict_strict, read_state_dict
 from .engine.schedules import warmup_poly_scheduler
 from .losses import DiceBceLoss
-from .network import SamSegmenter
+from .network import SamSegmenter, reset_mask_readout
 from .optimizers.galore import GaloreConfig, galore_adamw, galore_rank_groups, galore_target_weights
 from .prompts import PROMPT_KINDS, ClassTokenPrompt, PromptKind, name_keyed_embeddings
 
@@ -40,6 +40,7 @@ ENCODER = "backbone.image_encoder"
 DECODER_AND_PROMPTS = ("prompt", "backbone.prompt_encoder", "backbone.mask_decoder")
 NORM_TYPES = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
 LOSSES = ("dice_ce", "dice_focal", "dice_bce")
+READOUTS = ("pretrained", "zero")
 ENCODER_QV_LORA = ((LoraConfig(rank=4, target_modules=("qkv",), qkv_parts=("q", "v")), "image_encoder"),)
 # Cheap Lunch's paper setting (``--method_def#lora`` / ``--method_def#trained_in_full``): LoRA also
 # on the mask decoder's two-way transformer, only its mask head and the prompt encoder in full.
@@ -78,6 +79,12 @@ class Method:
             medsaga turns it off (nnU-Net's choice): on small structures the background, 99 %
             of the pixels, scores near 1 from the first step and dilutes the classes' Dice
             gradient (N + 1)-fold. The other methods keep it on, as they were measured.
+        readout: ``"pretrained"`` keeps the decoder's mask read-out (the last layer of its
+            hypernetwork MLPs); ``"zero"`` starts it at zero (``network.reset_mask_readout``),
+            as the widened decoder of the prompt-free methods starts: every class then begins
+            at logit 0 and training first learns a linear read-out of SAM's mask features.
+            For per-class queries that SAM was never trained to answer (class tokens,
+            LiteMedSAM's clicks); the widened decoder always starts from zero.
     """
 
     name: str
@@ -97,6 +104,7 @@ class Method:
     loss: str = "dice_ce"
     ce_weight: float = 0.2
     dice_background: bool = True
+    readout: str = "pretrained"
 
     def __post_init__(self) -> None:
         if self.prompt not in PROMPT_KINDS:
@@ -104,6 +112,8 @@ class Method:
                              f"{sorted(PROMPT_KINDS)}")
         if self.loss not in LOSSES:
             raise ValueError(f"method {self.name!r}: unknown loss {self.loss!r}; expected one of {LOSSES}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"method {self.name!r}: unknown readout {self.readout!r}; expected one of {READOUTS}")
 
     # --- overrides ---------------------------------------------------------------------------
 
@@ -301,6 +311,8 @@ def build_network(method: str | Method, backbone: str = "lite_medsam", num_class
     sam = build_backbone(backbone, image_size=image_size, checkpoint=checkpoint)
     prompt = spec.build_prompt(num_classes, sam.prompt_encoder.embed_dim, class_names, class_embeddings, prompt_options)
     network = SamSegmenter(sam, num_classes=num_classes, prompt=prompt)
+    if spec.readout == "zero":
+        reset_mask_readout(sam.mask_decoder)
     if weights:
         load_state_dict_strict(network, read_state_dict(weights), weights,
                                f"{spec.name} network ({backbone}, {num_classes} classes)")

@@ -139,11 +139,19 @@ def widen_mask_decoder(decoder: MaskDecoder, num_masks: int) -> None:
     decoder.iou_prediction_head.layers[-1] = head
     decoder.num_mask_tokens = num_masks
     decoder.num_multimask_outputs = num_masks - 1
-    # SAM's pretrained heads emit saturated object logits (about -30 to +5); copied into class
-    # heads they make every pixel one class, and the first steps of few-shot training are
-    # spent only on moving that bias. Zeroing each head's last layer starts every class at
-    # logit 0 (uniform softmax) while keeping the pretrained tokens and hidden layers, so
-    # training begins by learning a per-class readout of SAM's mask features.
+    reset_mask_readout(decoder)
+
+
+def reset_mask_readout(decoder: MaskDecoder) -> None:
+    """Zero the last layer of every hypernetwork MLP of ``decoder``, in place: every mask then
+    starts at logit 0 on every pixel.
+
+    SAM's pretrained heads emit saturated object logits (about -30 to +5); copied into class
+    heads they make every pixel one class, and the first steps of few-shot training are spent
+    only on moving that bias. From zero, with the pretrained tokens and hidden layers kept,
+    training begins by learning a per-class linear read-out of SAM's mask features, which
+    takes few steps.
+    """
     for mlp in decoder.output_hypernetworks_mlps:
         nn.init.zeros_(mlp.layers[-1].weight)
         nn.init.zeros_(mlp.layers[-1].bias)

@@ -100,6 +100,28 @@ def test_every_method_takes_a_training_step(method):
     assert changed and torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("method", ["ssam", "cheap_lunch"])
+def test_zero_readout_starts_every_class_at_logit_zero_and_learns_from_the_first_step(method):
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 1, 64, 64))
+    image = torch.rand(2, 1, 64, 64)
+    kind = get_method(method).prompt
+    prompts = prompts_from_labels(labels, 2, kind) if kind in PROMPT_FROM_LABEL_KINDS else None
+    kept = build_network(method, "lite_medsam_tiny", 2, checkpoint=None, image_size=64).eval()
+    assert kept(image, prompts)[:, 1:].abs().amax() > 0
+    spec = get_method(method, readout="zero")
+    net = build_network(spec, "lite_medsam_tiny", 2, checkpoint=None, image_size=64).eval()
+    assert torch.count_nonzero(net(image, prompts)[:, 1:]) == 0
+    net.train()
+    optimizer = build_optimizer(spec, net)
+    build_loss(spec)(net(image, prompts), labels).backward()
+    optimizer.step()
+    after = net.eval()(image, prompts)[:, 1:]
+    assert (after.amax(dim=(-2, -1)) - after.amin(dim=(-2, -1))).amin() > 0  # each class varies over the image
+    with pytest.raises(ValueError, match="unknown readout 'random'"):
+        get_method(method, readout="random")
+
+
 def test_ssam_trainable_fraction_at_256_px_is_below_one_percent():
     """S-SAM's "0.4 % of SAM" (paper setting) holds at 256 px: the position embedding grows with the image."""
     net = build_network(get_method("ssam", **SSAM_PAPER), "vit_b", num_classes=2, checkpoint=None, image_size=256,
