@@ -260,8 +260,11 @@ METHODS: dict[str, Method] = {
     # steps, so the few-shot default trains it (bundles/ssam/docs/README.md has both). The paper's
     # sigmoid focal + Dice loss (--method_def#loss dice_focal) learned more slowly than the
     # softmax read-out of the other methods: validation 0.60 against 0.73 after 70 steps.
+    # The decoder's mask read-out starts at zero (readout="zero"), as the widened decoder's:
+    # validation 0.86 after 40 steps against 0.35 from the pretrained read-out.
     "ssam": Method("ssam", prompt="class_tokens", svd=SvdConfig(), trained_in_full=("prompt", "backbone.mask_decoder"),
-                   train_norms=True, train_position_embedding=True, lr=1e-3, adapter_lr=4e-3, head_lr=1e-2),
+                   train_norms=True, train_position_embedding=True, lr=1e-3, adapter_lr=4e-3, head_lr=1e-2,
+                   readout="zero"),
     # Cheap Lunch: LoRA r=4 on the encoder's q, v; the prompt encoder (6 K; LiteMedSAM learned
     # from boxes, its point embeddings are SAM's) and the mask decoder train in full. The paper
     # puts LoRA on the decoder's two-way transformer too (CHEAP_LUNCH_PAPER_*): on the MNI152 demo
@@ -269,10 +272,11 @@ METHODS: dict[str, Method] = {
     # the whole decoder trained (bundles/cheap_lunch/docs/README.md). With LoRA alone behind a frozen mask head the
     # learn-something disk stayed at Dice 0.07 after 100 steps. Points come with a learned class
     # token per class (prompts.ClassPointPrompt), so that inference without clicks can find each
-    # class first (engine/point_inference.py).
+    # class first (engine/point_inference.py). The mask read-out starts at zero (readout="zero"):
+    # after 100 steps test mean Dice 0.843 against 0.692 from the pretrained read-out.
     "cheap_lunch": Method("cheap_lunch", prompt="class_points", lora=ENCODER_QV_LORA,
                           trained_in_full=("backbone.prompt_encoder", "backbone.mask_decoder"), lr=1e-3,
-                          adapter_lr=2e-3, head_lr=5e-3, ce_weight=1.0),
+                          adapter_lr=2e-3, head_lr=5e-3, ce_weight=1.0, readout="zero"),
     # MCP-MedSAM: full fine-tuning of LiteMedSAM and its prompt modules (box, class, modality and
     # content prompts: prompts_mcp.py) with AdamW at the paper's 2e-4 and weight decay 1e-3,
     # Dice + BCE per class. The paper's IoU-regression term is left out: SamSegmenter returns

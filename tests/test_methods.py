@@ -107,9 +107,11 @@ def test_zero_readout_starts_every_class_at_logit_zero_and_learns_from_the_first
     image = torch.rand(2, 1, 64, 64)
     kind = get_method(method).prompt
     prompts = prompts_from_labels(labels, 2, kind) if kind in PROMPT_FROM_LABEL_KINDS else None
-    kept = build_network(method, "lite_medsam_tiny", 2, checkpoint=None, image_size=64).eval()
+    kept = build_network(get_method(method, readout="pretrained"), "lite_medsam_tiny", 2, checkpoint=None,
+                         image_size=64).eval()
     assert kept(image, prompts)[:, 1:].abs().amax() > 0
-    spec = get_method(method, readout="zero")
+    spec = get_method(method)
+    assert spec.readout == "zero"  # the default of both per-class-token methods
     net = build_network(spec, "lite_medsam_tiny", 2, checkpoint=None, image_size=64).eval()
     assert torch.count_nonzero(net(image, prompts)[:, 1:]) == 0
     net.train()
