@@ -80,11 +80,9 @@ class Method:
             of the pixels, scores near 1 from the first step and dilutes the classes' Dice
             gradient (N + 1)-fold. The other methods keep it on, as they were measured.
         readout: ``"pretrained"`` keeps the decoder's mask read-out (the last layer of its
-            hypernetwork MLPs); ``"zero"`` starts it at zero (``network.reset_mask_readout``),
-            as the widened decoder of the prompt-free methods starts: every class then begins
-            at logit 0 and training first learns a linear read-out of SAM's mask features.
-            For per-class queries that SAM was never trained to answer (class tokens,
-            LiteMedSAM's clicks); the widened decoder always starts from zero.
+            hypernetwork MLPs); ``"zero"`` starts it at zero (``network.reset_mask_readout``
+            says why), for per-class queries SAM was never trained to answer (class tokens,
+            LiteMedSAM's clicks). The widened decoder always starts from zero.
     """
 
     name: str
