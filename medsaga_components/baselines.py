@@ -1,12 +1,14 @@
 """Reference points for a few-shot run, on the same held-out test volumes and evaluation code.
 
-* ``zero_shot_boxes``: pretrained LiteMedSAM, no training, one box per class taken from the
-  ground truth of each slice (an upper bound on what box prompting gives a user for free).
+* ``zero_shot_boxes``: pretrained LiteMedSAM, no training, boxes taken from the ground truth of
+  each slice (an upper bound on what box prompting gives a user for free): one box per class,
+  or (``boxes="structure"``) one per connected piece of a class, as a user boxes the left and
+  the right amygdala of a class that merges both.
 * ``unet_from_scratch``: MONAI's BasicUNet trained on the same k slices, for the same wall
   time a SAM method took, with the same augmentation, loss, CPU allocator setting and
   test-time flips.
 
-``medsaga baseline --kind zero_shot_boxes|unet_from_scratch --dataset_dir ... --out DIR``.
+``medsaga baseline zero_shot_boxes|unet_from_scratch DATASET_DIR OUT_DIR [--boxes structure]``.
 """
 
 from __future__ import annotations
@@ -22,16 +24,23 @@ from .backbones import build_backbone
 from .engine.cpu_allocator import keep_freed_cpu_memory
 from .engine.experiment import FewShotExperiment
 from .engine.handlers import evaluate_test_volumes
+from .engine.label_prompts import boxes_from_labels
 from .evaluation import evaluate_slice_dataset
 
 
-@torch.no_grad()
-def zero_shot_boxes(experiment: FewShotExperiment, out_dir: str | Path) -> dict:
-    """Evaluate pretrained LiteMedSAM prompted with each class's ground-truth box per slice.
+BOX_SOURCES = ("class", "structure")
 
-    A pixel takes the class whose mask logit is highest among those above 0; classes absent
-    from a slice get no box and cannot be predicted there.
+
+@torch.no_grad()
+def zero_shot_boxes(experiment: FewShotExperiment, out_dir: str | Path, boxes: str = "class") -> dict:
+    """Evaluate pretrained LiteMedSAM prompted with ground-truth boxes per slice: one per class,
+    or one per structure of a class (``label_prompts.boxes_from_labels``).
+
+    A pixel takes the class whose mask logit (the highest over its boxes) is highest among
+    those above 0; classes absent from a slice get no box and cannot be predicted there.
     """
+    if boxes not in BOX_SOURCES:
+        raise ValueError(f"boxes must be one of {BOX_SOURCES}, got {boxes!r}")
     backbone = build_backbone("lite_medsam", image_size=experiment.image_size).eval()
 
     def predict(batch: dict) -> torch.Tensor:
@@ -39,15 +48,15 @@ def zero_shot_boxes(experiment: FewShotExperiment, out_dir: str | Path) -> dict:
         best = torch.zeros_like(labels, dtype=torch.float32)
         classes = torch.zeros_like(labels)
         for i in range(images.shape[0]):
+            class_boxes, present = boxes_from_labels(labels[i:i + 1, None], experiment.num_classes,
+                                                     per_structure=boxes == "structure")
+            class_boxes, present = class_boxes.view(experiment.num_classes, -1, 4), present.view(experiment.num_classes, -1)
             for c in range(1, experiment.num_classes + 1):
-                ys, xs = torch.nonzero(labels[i] == c, as_tuple=True)
-                if ys.numel() == 0:
-                    continue
-                box = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()[None]
-                logits = backbone.predict_with_boxes(images[i:i + 1], box)[0, 0]
-                take = (logits > 0) & (logits > best[i])
-                classes[i][take] = c
-                best[i] = torch.maximum(best[i], logits)
+                for box in class_boxes[c - 1][present[c - 1]]:
+                    logits = backbone.predict_with_boxes(images[i:i + 1], box[None])[0, 0]
+                    take = (logits > 0) & (logits > best[i])
+                    classes[i][take] = c
+                    best[i] = torch.maximum(best[i], logits)
         return classes
 
     return evaluate_slice_dataset(experiment.test_dataset, predict, out_dir, predict_from_batch=True)
@@ -75,20 +84,20 @@ def unet_from_scratch(experiment: FewShotExperiment, out_dir: str | Path, second
 
 def baseline_command(kind: str, dataset_dir: str, out: str, shots: float = 5, seed: int = 0, image_size: int = 256,
                      seconds: float = 600.0, batch_size: int = 2, rotation_degrees: float = 0.0,
-                     spacing: str = "even", test_time_flips: bool = True) -> dict:
+                     spacing: str = "even", test_time_flips: bool = True, boxes: str = "class") -> dict:
     """Run one baseline and write its report into ``out`` (returns the mean Dice per class).
 
     ``seconds``, ``batch_size``, ``rotation_degrees`` (0: flips only) and ``test_time_flips``
     apply to ``unet_from_scratch``: the defaults are the medsaga bundle's; set ``seconds`` to
     the SAM run's training time. ``spacing``: how the few-shot slices are placed (``random`` or
-    ``even``). Like a bundle's training, the process keeps freed CPU memory for reuse."""
+    ``even``). ``boxes`` applies to ``zero_shot_boxes`` (``"class"`` or ``"structure"``). Like a bundle's training, the process keeps freed CPU memory for reuse."""
     if kind not in ("zero_shot_boxes", "unet_from_scratch"):
         raise ValueError(f"kind must be 'zero_shot_boxes' or 'unet_from_scratch', got {kind!r}")
     keep_freed_cpu_memory()
     experiment = FewShotExperiment(dataset_dir, out, shots=shots, seed=seed, image_size=image_size,
                                    rotation_degrees=rotation_degrees, spacing=spacing)
     if kind == "zero_shot_boxes":
-        summary = zero_shot_boxes(experiment, out)
+        summary = zero_shot_boxes(experiment, out, boxes)
     else:
         summary = unet_from_scratch(experiment, out, seconds=seconds, batch_size=batch_size,
                                     test_time_flips=test_time_flips)

@@ -80,6 +80,9 @@ class SamSegmenter(nn.Module):
             prompts: inputs of the prompt kind, in pixels of the ``image_size`` frame
                 (for example ``{"boxes": [B, N, 4]}``); an optional ``"present"`` ``[B, N]``
                 bool marks classes absent from an image (their logits become ``ABSENT_CLASS_LOGIT``).
+                Boxes ``[B, N, K, 4]`` (with ``"present"`` ``[B, N, K]``) give a class K boxes,
+                one per structure: the prompts are decoded K times, box k of every class
+                at a time, and a class's logit is the highest over its boxes.
             embeddings: the encoder's ``[B, D, h, w]`` for ``image`` when already computed
                 (two-pass inference decodes one image twice); None runs the encoder.
         Returns:
@@ -92,10 +95,23 @@ class SamSegmenter(nn.Module):
         if tuple(out_hw) != (size, size):
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
         embeddings = self.backbone.embed_images(image) if embeddings is None else embeddings  # [B, D, h, w]
-        b = embeddings.shape[0]
-        prompt_encoder = self.backbone.prompt_encoder
         if self.prompt.needs_image:  # content prompts read the image inside each box (prompts_mcp.py)
             prompts = {**(prompts or {}), "image": image}
+        boxes = None if prompts is None else prompts.get("boxes")
+        if boxes is not None and boxes.ndim == 4:  # [B, N, K, 4]: K boxes per class
+            present = prompts.get("present", torch.ones(boxes.shape[:3], dtype=torch.bool, device=boxes.device))
+            logits = torch.stack([
+                self._decode_classes(embeddings, {**prompts, "boxes": boxes[:, :, k], "present": present[:, :, k]})
+                for k in range(boxes.shape[2])
+            ]).amax(dim=0)
+        else:
+            logits = self._decode_classes(embeddings, prompts)
+        return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
+
+    def _decode_classes(self, embeddings: torch.Tensor, prompts: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """``[B, N + 1, h', w']`` logits at the decoder's resolution from the encoder's ``[B, D, h, w]``."""
+        b = embeddings.shape[0]
+        prompt_encoder = self.backbone.prompt_encoder
         sparse, dense = self.prompt(prompt_encoder, b, prompts)  # [B, Q, T, D], [B, Q, D, h, w]
         q = sparse.shape[1]
         masks = self.backbone.decode_masks(
@@ -110,10 +126,8 @@ class SamSegmenter(nn.Module):
             if prompts is not None and "present" in prompts:  # a class without a prompt in this image
                 absent = ~prompts["present"].to(device=foreground.device, dtype=torch.bool)
                 foreground = foreground.masked_fill(absent[:, :, None, None], ABSENT_CLASS_LOGIT)
-            logits = torch.cat([torch.zeros_like(foreground[:, :1]), foreground], dim=1)
-        else:
-            logits = masks
-        return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
+            return torch.cat([torch.zeros_like(foreground[:, :1]), foreground], dim=1)
+        return masks
 
 
 def widen_mask_decoder(decoder: MaskDecoder, num_masks: int) -> None:

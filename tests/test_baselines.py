@@ -31,3 +31,5 @@ def test_zero_shot_boxes_segment_inside_the_ground_truth_boxes(tmp_path):
 def test_baseline_command_rejects_an_unknown_kind(tmp_path):
     with pytest.raises(ValueError, match="'zero_shot_boxes' or 'unet_from_scratch', got 'nnunet'"):
         baseline_command("nnunet", str(tmp_path / "data"), str(tmp_path / "out"), image_size=64)
+    with pytest.raises(ValueError, match="boxes must be one of .*'class', 'structure'.*got 'organ'"):
+        zero_shot_boxes(None, tmp_path / "zero_shot", boxes="organ")  # refused before any work

@@ -12,7 +12,9 @@ from monai.bundle import ConfigParser
 
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
 from medsaga_components.engine.box_batches import McpPrepareBatch
-from medsaga_components.engine.box_inference import TwoPassBoxSegmenter
+from medsaga_components.engine.box_inference import TwoPassBoxSegmenter, box_free_logits
+from medsaga_components.engine.label_prompts import boxes_from_labels
+from medsaga_components.methods import build_network
 
 BOX_BUNDLES = ("medsaga", "samed")
 
@@ -37,6 +39,13 @@ def test_boxes_json_switches_prompts_batches_and_test_evaluation(bundle, demo_di
     handlers = parser.get("train#handlers")
     assert [h["_target_"].rsplit(".", 1)[-1] for h in handlers] == [
         h["_target_"].rsplit(".", 1)[-1] for h in plain.get("train#handlers")[:5]] + ["EvaluateBoxPromptedOnTestVolumes"]
+    # One switch gives every box a structure: training, validation and test.
+    assert not train_batches.from_labels.per_structure
+    parser.update({"box_per_structure": "true"})
+    parser.parse()
+    for key in ("train#prepare_batch", "validate#prepare_batch"):
+        assert parser.get_parsed_content(key).from_labels.per_structure, key
+    assert parser.get_parsed_content("train#handlers")[5].per_structure
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +71,21 @@ def test_evaluating_with_boxes_uses_the_boxes(trained_with_boxes, demo_dir):
     root, _ = trained_with_boxes
     files = configs("medsaga", "train", "boxes", "evaluate")
     predictions = {}
-    for boxes in ("ground_truth", "first_pass"):
-        out = root / f"eval_{boxes}"
+    for boxes, per_structure in (("ground_truth", "false"), ("first_pass", "false"), ("ground_truth", "true")):
+        out = root / f"eval_{boxes}_{per_structure}"
         run_bundle("evaluating", files, "--bundle_root", str(root), "--dataset_dir", str(demo_dir),
-                   "--output_dir", str(out), "--test_boxes", boxes, *TINY_TRAINING)
-        predictions[boxes] = [np.asarray(nib.load(p).dataobj) for p in sorted((out / "predictions").glob("*.nii.gz"))]
-    assert len(predictions["ground_truth"]) == 2
-    # Tight boxes per class against the whole image as every class's box: other prompts, other masks.
-    assert any((a != b).any() for a, b in zip(predictions["ground_truth"], predictions["first_pass"]))
+                   "--output_dir", str(out), "--test_boxes", boxes, "--box_per_structure", per_structure,
+                   *TINY_TRAINING)
+        predictions[boxes, per_structure] = [np.asarray(nib.load(p).dataobj)
+                                             for p in sorted((out / "predictions").glob("*.nii.gz"))]
+    class_boxes, whole_image, structure_boxes = predictions.values()
+    assert len(class_boxes) == 2
+    # Tight boxes per class against the whole image as every class's box, or a box per
+    # structure (the grey-matter ribbon is several pieces): other prompts, other masks.
+    assert any((a != b).any() for a, b in zip(class_boxes, whole_image))
+    assert any((a != b).any() for a, b in zip(class_boxes, structure_boxes))
     at_training = np.asarray(nib.load(sorted((root / "eval" / "predictions").glob("*.nii.gz"))[0]).dataobj)
-    np.testing.assert_array_equal(predictions["ground_truth"][0], at_training)
+    np.testing.assert_array_equal(class_boxes[0], at_training)
 
 
 def test_inference_with_boxes_fragment_segments_volumes_box_free(trained_with_boxes, demo_dir):
@@ -96,3 +110,68 @@ def test_inference_without_the_fragment_names_the_mismatch(trained_with_boxes, d
     assert done.returncode != 0
     assert "model.pt" in done.stdout + done.stderr
 
+
+# --- a box per structure ------------------------------------------------------------------
+
+def _two_structure_labels() -> torch.Tensor:
+    """``[2, 1, 32, 32]``: class 1 a left (6 x 6) and a right (4 x 4) piece, class 2 one piece;
+    the second image holds class 1's left piece only."""
+    labels = torch.zeros(2, 1, 32, 32, dtype=torch.long)
+    labels[:, 0, 4:10, 2:8] = 1
+    labels[0, 0, 20:24, 24:28] = 1
+    labels[0, 0, 12:16, 12:20] = 2
+    return labels
+
+
+def test_a_box_per_structure_boxes_each_piece_largest_first():
+    boxes, present = boxes_from_labels(_two_structure_labels(), 2, per_structure=True)
+    assert boxes.shape == (2, 2, 2, 4) and present.tolist() == [[[True, True], [True, False]],
+                                                                [[True, False], [False, False]]]
+    assert boxes[0, 0].tolist() == [[2, 4, 7, 9], [24, 20, 27, 23]]
+    assert boxes[0, 1, 0].tolist() == [12, 12, 19, 15] and boxes[1, 1, 0].tolist() == [0, 0, 31, 31]
+    class_boxes, _ = boxes_from_labels(_two_structure_labels(), 2)
+    assert class_boxes[0, 0].tolist() == [2, 4, 27, 23], "one box per class spans both pieces"
+    jittered, _ = boxes_from_labels(_two_structure_labels(), 2, jitter=0.2, generator=torch.Generator().manual_seed(0),
+                                    per_structure=True)
+    assert (jittered[0, 0] - boxes[0, 0]).abs().max() <= 0.2 * 6 and (jittered != boxes)[present].any()
+
+
+def test_a_class_with_several_boxes_takes_its_highest_logit_over_them():
+    torch.manual_seed(0)
+    net = build_network("mcp_medsam", "lite_medsam_tiny", num_classes=2, checkpoint=None, image_size=32,
+                        prompt_options={"modality_prompt": False, "content_prompt": False}).eval()
+    image = torch.rand(2, 1, 32, 32)
+    boxes, present = boxes_from_labels(_two_structure_labels(), 2, per_structure=True)
+    with torch.no_grad():
+        both = net(image, {"boxes": boxes, "present": present})
+        each = [net(image, {"boxes": boxes[:, :, k], "present": present[:, :, k]}) for k in range(2)]
+    torch.testing.assert_close(both, torch.maximum(*each))
+    assert not torch.equal(both[0, 1], each[0][0, 1]), "the second structure's box adds to class 1"
+    assert (both[1, 2] < -1e3).all(), "a class with no box is not predicted"
+
+
+def test_whole_image_boxes_replace_every_box_of_a_structure(demo_dir):
+    labels = _two_structure_labels()
+    batch = {"image": torch.rand(2, 1, 32, 32), "label": labels,
+             "volume": [json.loads((demo_dir / "dataset.json").read_text())["training"][0]["image"]] * 2}
+    prompts = McpPrepareBatch(2, str(demo_dir / "dataset.json"), whole_image_prob=1.0, seed=0,
+                              per_structure=True).prompts(batch)
+    assert prompts["boxes"][0, 0, 0].tolist() == prompts["boxes"][0, 1, 0].tolist() == [0, 0, 31, 31]
+    assert prompts["present"].tolist() == [[[True, False], [True, False]], [[True, False], [False, False]]]
+
+
+def test_box_free_inference_per_structure_boxes_each_piece_of_the_first_pass():
+    calls = []
+
+    def forward(image, prompts):  # class 1 in two pieces, class 2 nowhere
+        calls.append(prompts)
+        logits = torch.full((1, 3, 32, 32), -5.0)
+        logits[:, 0] = 0.0
+        logits[:, 1, 4:10, 2:8] = 5.0
+        logits[:, 1, 20:24, 24:28] = 5.0
+        return logits
+
+    box_free_logits(forward, torch.rand(1, 1, 32, 32), num_classes=2, image_size=32, per_structure=True)
+    second = calls[1]
+    assert second["boxes"].shape == (1, 2, 2, 4) and second["present"].tolist() == [[[True, True], [False, False]]]
+    torch.testing.assert_close(second["boxes"][0, 0], torch.tensor([[2.0, 4, 7, 9], [24, 20, 27, 23]]))

@@ -43,11 +43,14 @@ class McpPrepareBatch:
             (training; needs ``seed``).
         seed: None for the deterministic tight boxes (validation, test); an int for the
             seeded random jitter and whole-image boxes of training.
+        per_structure: a box per structure of a class (``[B, N, K, 4]``, see
+            ``label_prompts.boxes_from_labels``), as a user boxes the left and the right
+            structure of a class that merges both; a whole-image box replaces all of them.
     """
 
     def __init__(self, num_classes: int, dataset_json: str, modalities: Sequence[str] | None = None,
                  boxes: str = "labels", jitter: float = 0.0, whole_image_prob: float = 0.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, per_structure: bool = False) -> None:
         if boxes not in BOX_SOURCES:
             raise ValueError(f"boxes must be one of {BOX_SOURCES}, got {boxes!r}")
         if not 0.0 <= float(whole_image_prob) <= 1.0:
@@ -57,7 +60,8 @@ class McpPrepareBatch:
         self.dataset_json = str(dataset_json)
         self.boxes = boxes
         self.whole_image_prob = float(whole_image_prob) if seed is not None else 0.0
-        self.from_labels = PromptsFromLabels("boxes", self.num_classes, jitter=jitter, seed=seed)
+        self.from_labels = PromptsFromLabels("boxes", self.num_classes, jitter=jitter, seed=seed,
+                                             per_structure=per_structure)
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed) + 1)
 
     def modality(self, volumes: Sequence[str]) -> torch.Tensor:
@@ -81,10 +85,15 @@ class McpPrepareBatch:
             drawn = self.from_labels.prompts(labels.cpu())
             boxes, present = drawn["boxes"], drawn["present"]
             if self.whole_image_prob > 0:
-                b, n, _ = boxes.shape
+                b, n = boxes.shape[:2]
                 whole = torch.rand(b, n, generator=self.generator) < self.whole_image_prob
                 full = whole_image_boxes(b, n, *labels.shape[-2:])
-                boxes = torch.where((whole & present)[..., None], full, boxes)
+                if boxes.ndim == 4:  # per structure: the first box becomes the whole image, the others go
+                    whole = whole & present.any(dim=-1)
+                    boxes[:, :, 0] = torch.where(whole[..., None], full, boxes[:, :, 0])
+                    present = present & ~(whole[..., None] & (torch.arange(boxes.shape[2]) > 0))
+                else:
+                    boxes = torch.where((whole & present)[..., None], full, boxes)
             prompts.update(boxes=boxes, present=present)
         return prompts
 
@@ -99,7 +108,7 @@ class McpPrepareBatch:
     def __repr__(self) -> str:
         return (f"McpPrepareBatch(num_classes={self.num_classes}, boxes={self.boxes!r}, "
                 f"jitter={self.from_labels.jitter}, whole_image_prob={self.whole_image_prob}, "
-                f"seed={self.from_labels.seed})")
+                f"seed={self.from_labels.seed}, per_structure={self.from_labels.per_structure})")
 
 
 __all__ = ["McpPrepareBatch", "whole_image_boxes", "BOX_SOURCES"]

@@ -29,6 +29,7 @@ from ignite.engine import Engine, Events
 from monai.inferers import Inferer
 from torch import nn
 
+from ..config_values import as_bool
 from ..data import SliceDataset
 from ..data.modalities import modality_index
 from ..data.square_resize import fit_to_square, square_logits_to_slice
@@ -55,7 +56,8 @@ def image_embeddings(network: SamSegmenter, image: torch.Tensor) -> torch.Tensor
 
 def box_free_logits(forward: Callable[..., torch.Tensor], image: torch.Tensor, num_classes: int, image_size: int,
                     prompts: Mapping[str, Any] | None = None,
-                    embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    per_structure: bool = False) -> torch.Tensor:
     """``[B, N + 1, H, W]`` logits of the second pass (see the module docstring).
 
     Args:
@@ -64,6 +66,8 @@ def box_free_logits(forward: Callable[..., torch.Tensor], image: torch.Tensor, n
         prompts: other prompts for both passes (``modality``); boxes in it are refused.
         embed: ``image -> embeddings`` (:func:`image_embeddings`): the encoder then runs once and
             both passes decode its output (``forward(..., embeddings=)``); None: it runs per pass.
+        per_structure: the second pass boxes each piece the first pass found (a network trained
+            with a box per structure) instead of all of a class at once.
     """
     prompts = dict(prompts or {})
     if "boxes" in prompts:
@@ -72,7 +76,8 @@ def box_free_logits(forward: Callable[..., torch.Tensor], image: torch.Tensor, n
     reuse = {} if embed is None else {"embeddings": embed(image)}
     first = forward(image, {**prompts, "boxes": whole_image_boxes(b, num_classes, image_size, image_size,
                                                                     image.device)}, **reuse)
-    boxes, present = boxes_from_labels(first.argmax(dim=1, keepdim=True), num_classes)  # in H x W pixels
+    boxes, present = boxes_from_labels(first.argmax(dim=1, keepdim=True), num_classes,
+                                       per_structure=per_structure)  # in H x W pixels
     scale = torch.tensor([image_size / w, image_size / h] * 2)
     boxes = (boxes + 0.5) * scale - 0.5  # pixel centres of the H x W frame -> the S x S frame
     boxes = torch.minimum(boxes.clamp(min=0.0), torch.tensor([image_size - 1.0] * 4))
@@ -93,12 +98,13 @@ class TwoPassBoxSegmenter(SamSegmenter):
         modality: the modality of the images this network will segment (the inference bundle:
             the one dataset.json declares), used for every call that gives none; None: the
             model's default (the modality it was trained on).
+        per_structure: box-free, box each structure the first pass finds (``box_free_logits``).
     """
 
     def __init__(self, backbone: str = "lite_medsam", num_classes: int = 1, checkpoint: str | None = "pretrained",
                  image_size: int | None = None, modalities: Sequence[str] | None = None,
                  default_modality: str | None = None, modality_prompt: bool = True,
-                 content_prompt: bool = True, modality: str | None = None) -> None:
+                 content_prompt: bool = True, modality: str | None = None, per_structure: bool = False) -> None:
         from ..backbones import build_backbone
 
         sam = build_backbone(backbone, image_size=image_size, checkpoint=checkpoint)
@@ -109,6 +115,7 @@ class TwoPassBoxSegmenter(SamSegmenter):
         if modality is not None:
             modality_index(modality, prompt.modalities, where="modality")  # an undeclared one fails here
         self.modality = modality
+        self.per_structure = as_bool(per_structure, "per_structure")
 
     def forward(self, image: torch.Tensor, prompts: Mapping[str, Any] | None = None) -> torch.Tensor:
         if self.modality is not None and (prompts is None or "modality" not in prompts):
@@ -116,18 +123,23 @@ class TwoPassBoxSegmenter(SamSegmenter):
         if prompts is not None and "boxes" in prompts:
             return super().forward(image, prompts)
         return box_free_logits(super().forward, image, self.num_classes, self.image_size, prompts,
-                               embed=lambda x: image_embeddings(self, x))
+                               embed=lambda x: image_embeddings(self, x), per_structure=self.per_structure)
 
 
 class TwoPassInferer(Inferer):
     """MONAI inferer: box-free two-pass logits of a box-prompted network (``prompts`` may hold
-    the modality; boxes are found by the first pass)."""
+    the modality; boxes are found by the first pass; ``per_structure`` as ``box_free_logits``)."""
+
+    def __init__(self, per_structure: bool = False) -> None:
+        super().__init__()
+        self.per_structure = as_bool(per_structure, "per_structure")
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  prompts: Mapping[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
         module = unwrapped(network)
         return box_free_logits(lambda image, p, **kw: network(image, p, **kw), inputs, module.num_classes,
-                               module.image_size, prompts, embed=lambda x: image_embeddings(module, x))
+                               module.image_size, prompts, embed=lambda x: image_embeddings(module, x),
+                               per_structure=self.per_structure)
 
 
 class BoxPromptInferer(Inferer):
@@ -225,20 +237,22 @@ class _WithPrompts(nn.Module):
 
 def evaluate_box_prompted(network: nn.Module, dataset: SliceDataset, output_dir: str | Path,
                           device: str | torch.device = "cpu", batch_size: int = 1, test_time_flips: bool = False,
-                          boxes: str = "box_free", modalities: Sequence[str] | None = None) -> dict:
+                          boxes: str = "box_free", modalities: Sequence[str] | None = None,
+                          per_structure: bool = False) -> dict:
     """``evaluate_test_volumes`` for box-prompted networks: every slice with its case's modality,
     and ``boxes`` ``"box_free"`` (two passes; the four in-plane flips averaged when
     ``test_time_flips``), ``"ground_truth"`` (each class's tight box from the label, the
     stand-in for a user's boxes; no flips: a box would have to be mirrored with its view) or
     ``"first_pass"`` (the whole image as every class's box, box-free inference without its
-    second pass: what the second pass adds; flips as for ``"box_free"``)."""
+    second pass: what the second pass adds; flips as for ``"box_free"``). ``per_structure``:
+    a box per structure of a class, from the label or from the first pass (``boxes_from_labels``)."""
     if boxes not in TEST_BOXES:
         raise ValueError(f"boxes must be one of {TEST_BOXES}, got {boxes!r}")
     device = torch.device(device)
     network = network.eval()
     module = unwrapped(network)
     prepare = McpPrepareBatch(module.num_classes, str(dataset.dataset.path), modalities=modalities,
-                              boxes="labels" if boxes == "ground_truth" else "none")
+                              boxes="labels" if boxes == "ground_truth" else "none", per_structure=per_structure)
 
     def predict(batch: dict) -> torch.Tensor:
         prompts = {k: v.to(device) for k, v in prepare.prompts(batch).items()}
@@ -250,7 +264,7 @@ def evaluate_box_prompted(network: nn.Module, dataset: SliceDataset, output_dir:
             view = with_test_time_flips(_WithPrompts(network, {"modality": prompts["modality"], "boxes": whole}),
                                         test_time_flips)
             return view(images).float().cpu()
-        view = with_test_time_flips(_WithPrompts(_box_free_network(network, module),
+        view = with_test_time_flips(_WithPrompts(_box_free_network(network, module, per_structure),
                                                  {"modality": prompts["modality"]}), test_time_flips)
         return view(images).float().cpu()
 
@@ -258,21 +272,22 @@ def evaluate_box_prompted(network: nn.Module, dataset: SliceDataset, output_dir:
         return evaluate_slice_dataset(dataset, predict, output_dir, batch_size=batch_size, predict_from_batch=True)
 
 
-def _box_free_network(network: nn.Module, module: SamSegmenter) -> nn.Module:
+def _box_free_network(network: nn.Module, module: SamSegmenter, per_structure: bool = False) -> nn.Module:
     """``network`` itself when it finds boxes on its own (``TwoPassBoxSegmenter``), else a
     module that runs the two passes with it."""
     if isinstance(module, TwoPassBoxSegmenter):
         return network
-    return _TwoPass(network)
+    return _TwoPass(network, per_structure)
 
 
 class _TwoPass(nn.Module):
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, per_structure: bool = False) -> None:
         super().__init__()
         self.network = network
+        self.inferer = TwoPassInferer(per_structure)
 
     def forward(self, image: torch.Tensor, prompts: Mapping[str, Any] | None = None) -> torch.Tensor:
-        return TwoPassInferer()(image, self.network, prompts=prompts)
+        return self.inferer(image, self.network, prompts=prompts)
 
 
 class EvaluateBoxPromptedOnTestVolumes:
@@ -282,12 +297,13 @@ class EvaluateBoxPromptedOnTestVolumes:
 
     def __init__(self, network: nn.Module, model_path: str | Path, dataset: SliceDataset, output_dir: str | Path,
                  device: str | torch.device = "cpu", batch_size: int = 1, test_time_flips: bool = False,
-                 boxes: str = "box_free", modalities: Sequence[str] | None = None) -> None:
+                 boxes: str = "box_free", modalities: Sequence[str] | None = None, per_structure: bool = False) -> None:
         if boxes not in TEST_BOXES:
             raise ValueError(f"test boxes must be one of {TEST_BOXES}, got {boxes!r}")
         self.network, self.model_path, self.dataset = network, Path(model_path), dataset
         self.output_dir, self.device, self.batch_size = Path(output_dir), torch.device(device), batch_size
         self.test_time_flips, self.boxes, self.modalities = test_time_flips, boxes, modalities
+        self.per_structure = as_bool(per_structure, "per_structure")
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.COMPLETED, self)
@@ -297,8 +313,10 @@ class EvaluateBoxPromptedOnTestVolumes:
         if not has_test_slices(self.dataset):
             return {}
         summary = evaluate_box_prompted(network.to(self.device), self.dataset, self.output_dir, self.device,
-                                        self.batch_size, self.test_time_flips, self.boxes, self.modalities)
-        logger.info("test mean Dice %.4f (%s boxes) -> %s", summary["mean_dice"], self.boxes, self.output_dir)
+                                        self.batch_size, self.test_time_flips, self.boxes, self.modalities,
+                                        self.per_structure)
+        logger.info("test mean Dice %.4f (%s boxes%s) -> %s", summary["mean_dice"], self.boxes,
+                    ", per structure" if self.per_structure else "", self.output_dir)
         return summary
 
 

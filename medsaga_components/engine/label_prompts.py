@@ -24,6 +24,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import label as connected_pieces
+
+from ..config_values import as_bool
 
 PROMPT_FROM_LABEL_KINDS = ("points", "class_points", "boxes", "mcp")  # mcp: MCP-MedSAM's boxes (prompts_mcp.py)
 POINT_KINDS = ("points", "class_points")  # class_points: points plus class tokens (prompts.ClassPointPrompt)
@@ -37,9 +40,24 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return labels[:, 0].detach().to("cpu").long()  # [B, H, W]
 
 
+# Box-per-structure prompts keep a class's largest pieces only: every decoder pass costs as
+# much as one box per class, and a label's stray pixels are no structure a user would box.
+MAX_STRUCTURES = 4
+
+
+def structure_masks(mask: np.ndarray, max_structures: int = MAX_STRUCTURES) -> list[np.ndarray]:
+    """The 8-connected pieces of ``mask`` ``[H, W]`` (the left and right amygdala of a class
+    that merges both), largest first, at most ``max_structures``."""
+    pieces, count = connected_pieces(mask, structure=np.ones((3, 3)))
+    sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
+    order = np.argsort(-sizes, kind="stable")[:max_structures]
+    return [pieces == index + 1 for index in order]
+
+
 def boxes_from_labels(labels: torch.Tensor, num_classes: int, jitter: float = 0.0,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bounding box of each class in each image.
+                      generator: torch.Generator | None = None,
+                      per_structure: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounding box of each class in each image, or of each structure of each class.
 
     Args:
         labels: ``[B, 1, H, W]`` class indices 0..N (0 background).
@@ -47,10 +65,16 @@ def boxes_from_labels(labels: torch.Tensor, num_classes: int, jitter: float = 0.
         jitter: each edge moves by a uniform random amount of up to ``jitter`` times the box's
             side along that axis (MedSAM-style training noise), clamped to the image; 0 for none.
         generator: the random source for the jitter (None: the global one).
+        per_structure: one box per connected piece of a class (``structure_masks``) instead
+            of one around all of it: a class merging left and right gets a box per side.
     Returns:
         ``boxes`` float ``[B, N, 4]`` (x0, y0, x1, y1), ``present`` bool ``[B, N]``; an absent
-        class gets the whole-image box ``(0, 0, W - 1, H - 1)``.
+        class gets the whole-image box ``(0, 0, W - 1, H - 1)``. With ``per_structure``:
+        ``[B, N, K, 4]`` and ``[B, N, K]``, K the most pieces of any class in the batch (at
+        least 1), the pieces largest first, the missing ones absent whole-image boxes.
     """
+    if per_structure:
+        return _structure_boxes(labels, num_classes, jitter, generator)
     classes = _check_labels(labels, num_classes)
     b, h, w = classes.shape
     boxes = torch.tensor([0.0, 0.0, w - 1.0, h - 1.0]).repeat(b, num_classes, 1)
@@ -71,6 +95,25 @@ def boxes_from_labels(labels: torch.Tensor, num_classes: int, jitter: float = 0.
     # jitter may cross the edges over: keep x0 <= x1 and y0 <= y1
     low, high = torch.minimum(boxes[..., :2], boxes[..., 2:]), torch.maximum(boxes[..., :2], boxes[..., 2:])
     return torch.cat([low, high], dim=-1), present
+
+
+def _structure_boxes(labels: torch.Tensor, num_classes: int, jitter: float,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``boxes_from_labels(per_structure=True)``: each structure's box as the class box of a
+    label map holding that structure alone (same jitter, same clamping)."""
+    classes = _check_labels(labels, num_classes)
+    b, h, w = classes.shape
+    pieces = [[structure_masks((classes[i] == c + 1).numpy()) for c in range(num_classes)] for i in range(b)]
+    k = max(1, max(len(p) for per_image in pieces for p in per_image))
+    boxes = torch.tensor([0.0, 0.0, w - 1.0, h - 1.0]).repeat(b, num_classes, k, 1)
+    present = torch.zeros(b, num_classes, k, dtype=torch.bool)
+    for i in range(b):
+        for c in range(num_classes):
+            for s, piece in enumerate(pieces[i][c]):
+                alone = torch.from_numpy(piece).long()[None, None] * (c + 1)  # [1, 1, H, W]: this structure only
+                box, _ = boxes_from_labels(alone, num_classes, jitter, generator)
+                boxes[i, c, s], present[i, c, s] = box[0, c], True
+    return boxes, present
 
 
 def _deepest_points(mask: np.ndarray, count: int) -> list[tuple[int, int]]:
@@ -126,14 +169,16 @@ def points_from_labels(labels: torch.Tensor, num_classes: int, points_per_class:
 
 
 def prompts_from_labels(labels: torch.Tensor, num_classes: int, kind: str = "points", jitter: float = 0.0,
-                        points_per_class: int = 1, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        points_per_class: int = 1, generator: torch.Generator | None = None,
+                        per_structure: bool = False) -> dict[str, torch.Tensor]:
     """The ``prompts`` dict ``SamSegmenter`` takes for ``kind``: ``{"points", "point_labels",
-    "present"}`` or ``{"boxes", "present"}``, on the labels' device."""
+    "present"}`` or ``{"boxes", "present"}`` (``per_structure``: see ``boxes_from_labels``),
+    on the labels' device."""
     if kind in POINT_KINDS:
         points, point_labels = points_from_labels(labels, num_classes, points_per_class, generator)
         prompts = {"points": points, "point_labels": point_labels, "present": (point_labels == 1).any(dim=-1)}
     elif kind in ("boxes", "mcp"):
-        boxes, present = boxes_from_labels(labels, num_classes, jitter, generator)
+        boxes, present = boxes_from_labels(labels, num_classes, jitter, generator, per_structure)
         prompts = {"boxes": boxes, "present": present}
     else:
         raise ValueError(f"prompt kind must be one of {PROMPT_FROM_LABEL_KINDS}, got {kind!r}")
@@ -155,10 +200,11 @@ class PromptsFromLabels:
         promptless_prob: points only, with ``seed``: the share of queries sent without any
             click (labels -1; the class stays present), for prompts that also name the class
             (``ClassPointPrompt``) and must segment without clicks too.
+        per_structure: boxes only: one box per structure of a class (``boxes_from_labels``).
     """
 
     def __init__(self, kind: str, num_classes: int, jitter: float = 0.0, points_per_class: int = 1,
-                 seed: int | None = None, promptless_prob: float = 0.0) -> None:
+                 seed: int | None = None, promptless_prob: float = 0.0, per_structure: bool = False) -> None:
         if kind not in PROMPT_FROM_LABEL_KINDS:
             raise ValueError(f"prompt kind must be one of {PROMPT_FROM_LABEL_KINDS}, got {kind!r}")
         if jitter < 0:
@@ -172,12 +218,13 @@ class PromptsFromLabels:
             raise ValueError(f"promptless_prob must be in [0, 1], for point prompts only; got {promptless_prob!r} "
                              f"for {kind!r}")
         self.promptless_prob = float(promptless_prob)
+        self.per_structure = as_bool(per_structure, "per_structure")
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
 
     def prompts(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The prompts for ``[B, 1, H, W]`` labels, on the labels' device."""
         prompts = prompts_from_labels(labels, self.num_classes, self.kind, self.jitter if self.generator else 0.0,
-                                      self.points_per_class, self.generator)
+                                      self.points_per_class, self.generator, self.per_structure)
         if self.promptless_prob and self.generator is not None:
             silent = torch.rand(prompts["point_labels"].shape[:2], generator=self.generator) < self.promptless_prob
             prompts["point_labels"] = prompts["point_labels"].masked_fill(silent[..., None].to(labels.device), -1)
