@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
 from medsaga_components.engine.box_batches import McpPrepareBatch
-from medsaga_components.engine.box_inference import TwoPassBoxSegmenter, box_free_logits
+from medsaga_components.engine.box_inference import TwoPassBoxSegmenter, box_free_logits, segment_slice_with_boxes
 from medsaga_components.engine.label_prompts import boxes_from_labels
 from medsaga_components.methods import build_network
 
@@ -175,3 +175,18 @@ def test_box_free_inference_per_structure_boxes_each_piece_of_the_first_pass():
     second = calls[1]
     assert second["boxes"].shape == (1, 2, 2, 4) and second["present"].tolist() == [[[True, True], [False, False]]]
     torch.testing.assert_close(second["boxes"][0, 0], torch.tensor([[2.0, 4, 7, 9], [24, 20, 27, 23]]))
+
+
+def test_a_user_may_give_a_class_one_box_per_structure():
+    torch.manual_seed(0)
+    net = build_network("mcp_medsam", "lite_medsam_tiny", num_classes=2, checkpoint=None, image_size=32,
+                        prompt_options={"modality_prompt": False, "content_prompt": False}).eval()
+    slice_ = torch.rand(24, 32)
+    left, right = (2, 3, 9, 10), (20, 12, 27, 19)
+    _, both = segment_slice_with_boxes(net, slice_, {"1": [left, right], "2": (10, 2, 20, 8)})
+    _, only_left = segment_slice_with_boxes(net, slice_, {"1": left, "2": (10, 2, 20, 8)})
+    _, only_right = segment_slice_with_boxes(net, slice_, {"1": [right], "2": (10, 2, 20, 8)})
+    torch.testing.assert_close(both[1], torch.maximum(only_left[1], only_right[1]))
+    torch.testing.assert_close(both[2], only_left[2])
+    with pytest.raises(ValueError, match=r"box \[20.0, 12.0, 27.0, 30.0\] of class '1' is not inside the 32 x 24 slice"):
+        segment_slice_with_boxes(net, slice_, {"1": [left, (20, 12, 27, 30)]})

@@ -55,6 +55,12 @@ def test_prompts_map_voxels_to_slices_and_sam_coordinates():
     boxes = PromptedSliceInferer(64, axis=0, prompt_input="boxes", num_classes=2)
     # along axis 0 a slice has rows j and columns k; a box spans every slice i0..i1
     assert boxes.slices_of({2: [3, 1, 2, 1, 5, 4]}, (10, 12, 6)) == {s: {2: [(2.0, 1.0, 4.0, 5.0)]} for s in (1, 2, 3)}
+    # a list of boxes: one per structure of the class, all of them on each slice they span
+    assert boxes.slices_of({2: [[3, 1, 2, 1, 5, 4], [1, 8, 0, 1, 9, 1]]}, (10, 12, 6)) == {
+        1: {2: [(2.0, 1.0, 4.0, 5.0), (0.0, 8.0, 1.0, 9.0)]}, 2: {2: [(2.0, 1.0, 4.0, 5.0)]}, 3: {2: [(2.0, 1.0, 4.0, 5.0)]}}
+    two = boxes._prompt_tensors({2: [(2.0, 1.0, 4.0, 5.0), (0.0, 8.0, 1.0, 9.0)]}, 64, 64, (64, 64))
+    assert two["boxes"].shape == (1, 2, 2, 4) and two["present"].tolist() == [[[False, False], [True, True]]]
+    assert two["boxes"][0, 1].tolist() == [[2.0, 1.0, 4.0, 5.0], [0.0, 8.0, 1.0, 9.0]]
     with pytest.raises(ValueError, match="outside the volume"):
         points.slices_of({1: [[10, 0, 0]]}, (10, 12, 6))
     with pytest.raises(ValueError, match="classes are 1..2"):

@@ -157,7 +157,8 @@ class BoxPromptInferer(Inferer):
 def _box_tensor(boxes: Mapping[Any, Sequence[float]] | Sequence[Sequence[float]] | torch.Tensor,
                 class_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """``{class name or index 1..N: box}``, or N boxes (None for a class without one) ->
-    (``[N, 4]`` boxes, ``[N]`` present)."""
+    (``[N, 4]`` boxes, ``[N]`` present); a class may have a list of boxes (one per structure),
+    and then every class has K: (``[N, K, 4]``, ``[N, K]``)."""
     n = len(class_names)
     if isinstance(boxes, torch.Tensor):
         boxes = boxes.tolist()
@@ -165,7 +166,7 @@ def _box_tensor(boxes: Mapping[Any, Sequence[float]] | Sequence[Sequence[float]]
         if len(boxes) != n:
             raise ValueError(f"expected {n} boxes (one per class {list(class_names)}, None for none), got {len(boxes)}")
         boxes = {i + 1: box for i, box in enumerate(boxes)}
-    tensor, present = torch.zeros(n, 4), torch.zeros(n, dtype=torch.bool)
+    per_class: dict[int, list] = {}
     for key, box in boxes.items():
         if isinstance(key, str) and not key.isdigit():
             if key not in class_names:
@@ -177,13 +178,19 @@ def _box_tensor(boxes: Mapping[Any, Sequence[float]] | Sequence[Sequence[float]]
                 raise ValueError(f"box for class index {key}; expected 1..{n} ({list(class_names)})")
         if box is None:
             continue
-        if len(box) != 4:
-            raise ValueError(f"box of class {key!r} must be (x0, y0, x1, y1), got {box!r}")
-        tensor[index] = torch.tensor([float(v) for v in box])
-        present[index] = True
-    if not bool(present.any()):
+        several = len(box) > 0 and isinstance(box[0], (Sequence, torch.Tensor))
+        for one in (box if several else [box]):
+            if len(one) != 4:
+                raise ValueError(f"box of class {key!r} must be (x0, y0, x1, y1) or a list of them, got {box!r}")
+            per_class.setdefault(index, []).append([float(v) for v in one])
+    if not per_class:
         raise ValueError("box-prompted inference needs at least one box (x0, y0, x1, y1 in slice pixels)")
-    return tensor, present
+    k = max(len(v) for v in per_class.values())
+    tensor, present = torch.zeros(n, k, 4), torch.zeros(n, k, dtype=torch.bool)
+    for index, class_boxes in per_class.items():
+        tensor[index, :len(class_boxes)] = torch.tensor(class_boxes)
+        present[index, :len(class_boxes)] = True
+    return (tensor[:, 0], present[:, 0]) if k == 1 else (tensor, present)
 
 
 @torch.no_grad()
@@ -196,7 +203,8 @@ def segment_slice_with_boxes(network: nn.Module, image: torch.Tensor, boxes, cla
         image: ``[H, W]`` or ``[C, H, W]`` intensities already scaled to [0, 1] (the bundle's
             preprocessing: ``ScaleIntensityForModalityd``).
         boxes: ``{class name or index: (x0, y0, x1, y1)}`` in the slice's pixels (x = column,
-            y = row, inclusive), or one box (or None) per class.
+            y = row, inclusive), or one box (or None) per class; a list of boxes for a class
+            boxes each of its structures (the class's logit is the highest over them).
         class_names: the N foreground class names (for name keys); default ``"1".."N"``.
         modality: a modality name or index; None: the one the model was trained with.
     Returns:
@@ -208,8 +216,8 @@ def segment_slice_with_boxes(network: nn.Module, image: torch.Tensor, boxes, cla
     x0, y0, x1, y1 = box[present].unbind(-1)
     outside = (x0 < 0) | (y0 < 0) | (x1 > w - 1) | (y1 > h - 1) | (x1 < x0) | (y1 < y0)
     if bool(outside.any()):
-        bad = names[int(torch.nonzero(present)[int(torch.nonzero(outside)[0])])]
-        raise ValueError(f"box {box[names.index(bad)].tolist()} of class {bad!r} is not inside the {w} x {h} slice "
+        where = tuple(torch.nonzero(present)[int(torch.nonzero(outside)[0])].tolist())  # (class, [box])
+        raise ValueError(f"box {box[where].tolist()} of class {names[where[0]]!r} is not inside the {w} x {h} slice "
                          f"(expected 0 <= x0 <= x1 <= {w - 1}, 0 <= y0 <= y1 <= {h - 1})")
     squares, geometry = fit_to_square(image[None].float(), module.image_size)  # [1, C, S, S]
     scale = torch.tensor([geometry.resized_width / w, geometry.resized_height / h] * 2)

@@ -3,14 +3,16 @@
 A user's prompts come in voxel indices of the image array, per class::
 
     points: {class index: [[i, j, k], ...]}          each click segments its own slice
-    boxes:  {class index: [i0, j0, k0, i1, j1, k1]}  every slice k0..k1 (inclusive corners)
+    boxes:  {class index: [i0, j0, k0, i1, j1, k1]}  every slice k0..k1 (inclusive corners),
+            or a list of such boxes (one per structure: the left and the right amygdala)
 
 Each slice with a prompt goes through the network the way training fed it (``fit_to_square``
 into the S x S frame, the network's logits cropped and resized back with
 ``square_logits_to_slice``); the prompts go through the same scaling, as SAM's ``(x, y)`` =
 (column, row) of the slice. A class without a prompt on a slice is marked absent
 (``prompts["present"]``), so it is never predicted there; slices without prompts stay
-background.
+background. Several boxes of one class on a slice go to the network as ``[1, N, K, 4]`` (its
+logit is the highest over them, ``SamSegmenter``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class PromptedSliceInferer:
         for cls, values in prompts.items():
             if not 1 <= int(cls) <= self.num_classes:
                 raise ValueError(f"prompt for class {cls}: classes are 1..{self.num_classes}")
-            items = values if self.prompt_input == "points" else [values]
+            several_boxes = len(values) > 0 and isinstance(values[0], Sequence)
+            items = values if self.prompt_input == "points" or several_boxes else [values]
             for item in items:
                 item = [float(v) for v in item]
                 corners = [item] if self.prompt_input == "points" else [item[:3], item[3:]]
@@ -73,7 +76,7 @@ class PromptedSliceInferer:
                     first, last = sorted((int(round(lo[self.axis])), int(round(hi[self.axis]))))
                     box = (min(lo[cols], hi[cols]), min(lo[rows], hi[rows]), max(lo[cols], hi[cols]), max(lo[rows], hi[rows]))
                     for s in range(first, last + 1):
-                        per_slice.setdefault(s, {})[int(cls)] = [box]
+                        per_slice.setdefault(s, {}).setdefault(int(cls), []).append(box)
         return per_slice
 
     def _prompt_tensors(self, asked: Mapping[int, list], height: int, width: int, resized: tuple[int, int]) -> dict:
@@ -92,10 +95,15 @@ class PromptedSliceInferer:
                 points[0, cls - 1, :len(clicks)] = framed
                 labels[0, cls - 1, :len(clicks)] = 1
             return {"points": points, "point_labels": labels, "present": present}
-        boxes = torch.tensor([0.0, 0.0, last, last]).repeat(1, n, 1)  # placeholder for classes not asked
-        for cls, (box,) in asked.items():
-            corners = torch.tensor(box, dtype=torch.float32).view(2, 2)
-            boxes[0, cls - 1] = ((corners + 0.5) * scale - 0.5).clamp(0.0, last).view(4)
+        k = max(len(v) for v in asked.values())
+        boxes = torch.tensor([0.0, 0.0, last, last]).repeat(1, n, k, 1)  # placeholder for boxes not asked
+        present = torch.zeros(1, n, k, dtype=torch.bool)
+        for cls, class_boxes in asked.items():
+            corners = torch.tensor(class_boxes, dtype=torch.float32).view(-1, 2, 2)
+            boxes[0, cls - 1, :len(class_boxes)] = ((corners + 0.5) * scale - 0.5).clamp(0.0, last).view(-1, 4)
+            present[0, cls - 1, :len(class_boxes)] = True
+        if k == 1:  # one box per class: the plain [1, N, 4] prompts
+            return {"boxes": boxes[:, :, 0], "present": present[:, :, 0]}
         return {"boxes": boxes, "present": present}
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], prompts: Mapping[int, Sequence]) -> torch.Tensor:
@@ -123,8 +131,8 @@ def prompts_from_request(request: Mapping[str, Any], labels: Mapping[str, int], 
     """The request's prompts as ``{class index: ...}``.
 
     Points: one key per label name (MONAI Label's DeepEdit convention) with ``[[i, j, k], ...]``;
-    boxes: ``request["boxes"] = {label name: [i0, j0, k0, i1, j1, k1]}``. Class indices are
-    accepted in place of names.
+    boxes: ``request["boxes"] = {label name: [i0, j0, k0, i1, j1, k1]}``, or a list of such boxes
+    per label (one per structure). Class indices are accepted in place of names.
     """
     def index_of(key: Any) -> int:
         if str(key) in labels:
