@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ._segment_anything import MaskDecoder
 from .backbones import SamBackbone, build_backbone
@@ -37,6 +39,12 @@ class SamSegmenter(nn.Module):
             and the logits back to the input size.
         prompt: a ``PROMPT_KINDS`` name or a :class:`PromptKind` instance.
     """
+
+    # Several boxes per class decode once per box; each training pass keeps about 1.8 GB of
+    # decoder activations (batch 2, 4 classes, 256 px). The memory-efficient mode sets this
+    # (``engine.memory``) so that each pass is recomputed in backward instead: K passes then
+    # hold about one pass's activations.
+    checkpoint_box_passes = False
 
     def __init__(self, backbone: str | SamBackbone = "lite_medsam", num_classes: int = 1,
                  checkpoint: str | Path | None = "pretrained", image_size: int | None = None,
@@ -100,8 +108,11 @@ class SamSegmenter(nn.Module):
         boxes = None if prompts is None else prompts.get("boxes")
         if boxes is not None and boxes.ndim == 4:  # [B, N, K, 4]: K boxes per class
             present = prompts.get("present", torch.ones(boxes.shape[:3], dtype=torch.bool, device=boxes.device))
+            decode = self._decode_classes
+            if self.checkpoint_box_passes and torch.is_grad_enabled():
+                decode = partial(checkpoint, self._decode_classes, use_reentrant=False)
             logits = torch.stack([
-                self._decode_classes(embeddings, {**prompts, "boxes": boxes[:, :, k], "present": present[:, :, k]})
+                decode(embeddings, {**prompts, "boxes": boxes[:, :, k], "present": present[:, :, k]})
                 for k in range(boxes.shape[2])
             ]).amax(dim=0)
         else:

@@ -190,3 +190,31 @@ def test_a_user_may_give_a_class_one_box_per_structure():
     torch.testing.assert_close(both[2], only_left[2])
     with pytest.raises(ValueError, match=r"box \[20.0, 12.0, 27.0, 30.0\] of class '1' is not inside the 32 x 24 slice"):
         segment_slice_with_boxes(net, slice_, {"1": [left, (20, 12, 27, 30)]})
+
+
+def test_the_memory_efficient_mode_recomputes_each_box_pass_with_the_same_gradients():
+    from medsaga_components.engine.memory import disable_memory_efficient_training, enable_memory_efficient_training
+    from medsaga_components.methods import build_optimizer, get_method
+
+    method = get_method("medsaga").with_overrides(prompt="mcp")
+    torch.manual_seed(0)
+    net = build_network(method, "lite_medsam_tiny", num_classes=2, checkpoint=None, image_size=32,
+                        prompt_options={"modality_prompt": False, "content_prompt": False}).train()
+    boxes, present = boxes_from_labels(_two_structure_labels(), 2, per_structure=True)
+    image = torch.rand(2, 1, 32, 32)
+
+    def gradients():
+        net.zero_grad()
+        net(image, {"boxes": boxes, "present": present, "modality": "MRI"})[:, 1:].logsumexp(1).mean().backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    kept = gradients()
+    optimizer = enable_memory_efficient_training(net, build_optimizer(method, net), {"activation_checkpointing": True})
+    assert net.checkpoint_box_passes
+    disable_memory_efficient_training(net, optimizer)
+    assert not net.checkpoint_box_passes
+    net.checkpoint_box_passes = True  # only the box passes checkpointed: the encoder as before
+    recomputed = gradients()
+    assert kept.keys() == recomputed.keys() and any("mask_decoder" in n for n in kept)
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], msg=name)

@@ -8,7 +8,9 @@ weight. This mode removes those, each part behind its own switch in :class:`Memo
   patch-merging step, the neck) keeps only its input during the forward and recomputes its
   activations when backward reaches it (``torch.utils.checkpoint``, non-reentrant), so at
   most one segment's activations exist at a time. The segment's ``forward`` is patched on
-  the instance, so state_dict keys do not change and the patch can be removed.
+  the instance, so state_dict keys do not change and the patch can be removed. With several
+  boxes per class, each decoder pass is checkpointed the same way
+  (``SamSegmenter.checkpoint_box_passes``).
 * ``layerwise_steps``: :class:`~medsaga_components.optimizers.layerwise.LayerwiseOptimizer`
   steps each parameter inside its post-accumulate-grad hook and drops the gradient there, so
   the full-size gradients of the whole network never coexist.
@@ -356,6 +358,8 @@ def enable_memory_efficient_training(network: nn.Module, optimizer: torch.optim.
     check_optimizer_holds_trainable(network, optimizer)
     set_segment_forwards(network.get_submodule(encoder_name), config.activation_checkpointing,
                          config.frozen_without_grad)
+    if hasattr(network, "checkpoint_box_passes"):  # SamSegmenter's decoder passes, one per box of a class
+        network.checkpoint_box_passes = config.activation_checkpointing
     _Bf16AutocastForward.remove(network)
     if config.bf16_autocast:
         _Bf16AutocastForward(network).install()
@@ -373,6 +377,8 @@ def disable_memory_efficient_training(network: nn.Module, optimizer: torch.optim
     Frozen parameters stay frozen: ``requires_grad`` is the method's business.
     """
     set_segment_forwards(network.get_submodule(encoder_name), checkpointed=False, no_grad_when_frozen=False)
+    if hasattr(network, "checkpoint_box_passes"):
+        network.checkpoint_box_passes = False
     _Bf16AutocastForward.remove(network)
     if isinstance(optimizer, LayerwiseOptimizer):
         optimizer.remove_hooks()
