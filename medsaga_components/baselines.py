@@ -28,7 +28,7 @@ from .engine.label_prompts import boxes_from_labels
 from .evaluation import evaluate_slice_dataset
 
 
-BOX_SOURCES = ("class", "structure")
+BOX_PER = ("class", "structure")
 
 
 @torch.no_grad()
@@ -39,8 +39,8 @@ def zero_shot_boxes(experiment: FewShotExperiment, out_dir: str | Path, boxes: s
     A pixel takes the class whose mask logit (the highest over its boxes) is highest among
     those above 0; classes absent from a slice get no box and cannot be predicted there.
     """
-    if boxes not in BOX_SOURCES:
-        raise ValueError(f"boxes must be one of {BOX_SOURCES}, got {boxes!r}")
+    if boxes not in BOX_PER:
+        raise ValueError(f"boxes must be one of {BOX_PER}, got {boxes!r}")
     backbone = build_backbone("lite_medsam", image_size=experiment.image_size).eval()
 
     def predict(batch: dict) -> torch.Tensor:
