@@ -13,7 +13,7 @@ from monai.bundle import ConfigParser
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
 from medsaga_components.engine.box_batches import McpPrepareBatch
 from medsaga_components.engine.box_inference import TwoPassBoxSegmenter, box_free_logits, segment_slice_with_boxes
-from medsaga_components.engine.label_prompts import boxes_from_labels
+from medsaga_components.engine.label_prompts import boxes_from_labels, stack_class_boxes
 from medsaga_components.methods import build_network
 
 BOX_BUNDLES = ("medsaga", "samed")
@@ -190,6 +190,14 @@ def test_a_user_may_give_a_class_one_box_per_structure():
     torch.testing.assert_close(both[2], only_left[2])
     with pytest.raises(ValueError, match=r"box \[20.0, 12.0, 27.0, 30.0\] of class '1' is not inside the 32 x 24 slice"):
         segment_slice_with_boxes(net, slice_, {"1": [left, (20, 12, 27, 30)]})
+
+
+def test_stacked_user_boxes_pad_the_classes_with_fewer_boxes_as_absent():
+    boxes, present = stack_class_boxes({0: [(1, 2, 3, 4), (5, 6, 7, 8)], 2: [(0, 0, 9, 9)]}, 3, fill=(0, 0, 31, 31))
+    assert boxes.shape == (3, 2, 4) and present.tolist() == [[True, True], [False, False], [True, False]]
+    assert boxes[0, 1].tolist() == [5, 6, 7, 8] and boxes[1, 0].tolist() == boxes[2, 1].tolist() == [0, 0, 31, 31]
+    single, single_present = stack_class_boxes({1: [(1, 2, 3, 4)]}, 2)
+    assert single.shape == (2, 4) and single_present.tolist() == [False, True], "one box per class: [N, 4]"
 
 
 def test_the_memory_efficient_mode_recomputes_each_box_pass_with_the_same_gradients():

@@ -39,7 +39,7 @@ from ..prompts_mcp import McpPrompt
 from .box_batches import McpPrepareBatch, whole_image_boxes
 from .flips import with_test_time_flips
 from .handlers import best_plain_model, has_test_slices
-from .label_prompts import boxes_from_labels, check_prompted_slice, unwrapped
+from .label_prompts import boxes_from_labels, check_prompted_slice, stack_class_boxes, unwrapped
 
 logger = logging.getLogger(__name__)
 
@@ -185,12 +185,7 @@ def _box_tensor(boxes: Mapping[Any, Sequence[float]] | Sequence[Sequence[float]]
             per_class.setdefault(index, []).append([float(v) for v in one])
     if not per_class:
         raise ValueError("box-prompted inference needs at least one box (x0, y0, x1, y1 in slice pixels)")
-    k = max(len(v) for v in per_class.values())
-    tensor, present = torch.zeros(n, k, 4), torch.zeros(n, k, dtype=torch.bool)
-    for index, class_boxes in per_class.items():
-        tensor[index, :len(class_boxes)] = torch.tensor(class_boxes)
-        present[index, :len(class_boxes)] = True
-    return (tensor[:, 0], present[:, 0]) if k == 1 else (tensor, present)
+    return stack_class_boxes(per_class, n)
 
 
 @torch.no_grad()

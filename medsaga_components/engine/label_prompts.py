@@ -19,7 +19,7 @@ loss asks nothing of a prompt that does not exist.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -95,6 +95,22 @@ def boxes_from_labels(labels: torch.Tensor, num_classes: int, jitter: float = 0.
     # jitter may cross the edges over: keep x0 <= x1 and y0 <= y1
     low, high = torch.minimum(boxes[..., :2], boxes[..., 2:]), torch.maximum(boxes[..., :2], boxes[..., 2:])
     return torch.cat([low, high], dim=-1), present
+
+
+def stack_class_boxes(per_class: Mapping[int, Sequence[Sequence[float]]], num_classes: int,
+                      fill: Sequence[float] = (0.0, 0.0, 0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user's boxes, ``{class index 0..N-1: [(x0, y0, x1, y1), ...]}``, as the segmenter's
+    prompts of one image: ``[N, 4]`` boxes and ``[N]`` present when no class has more than one,
+    else ``[N, K, 4]`` and ``[N, K]``, K the most boxes of any class. The missing boxes are
+    ``fill`` and not present."""
+    k = max((len(v) for v in per_class.values()), default=1)
+    boxes = torch.tensor([float(v) for v in fill]).repeat(num_classes, k, 1)
+    present = torch.zeros(num_classes, k, dtype=torch.bool)
+    for index, class_boxes in per_class.items():
+        if len(class_boxes):
+            boxes[index, :len(class_boxes)] = torch.as_tensor(class_boxes, dtype=torch.float32).reshape(-1, 4)
+            present[index, :len(class_boxes)] = True
+    return (boxes[:, 0], present[:, 0]) if k == 1 else (boxes, present)
 
 
 def _structure_boxes(labels: torch.Tensor, num_classes: int, jitter: float,

@@ -23,6 +23,7 @@ import torch
 from monai.data import MetaTensor
 
 from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
+from medsaga_components.engine.label_prompts import stack_class_boxes
 
 # The logit of a class that is not asked on a slice (SamSegmenter's ABSENT_CLASS_LOGIT).
 NOT_ASKED = -1.0e4
@@ -83,28 +84,21 @@ class PromptedSliceInferer:
         """Prompts of one slice in the S x S frame, batch of one."""
         n = self.num_classes
         scale = torch.tensor([resized[1] / width, resized[0] / height])  # (x, y)
-        present = torch.zeros(1, n, dtype=torch.bool)
-        for cls in asked:
-            present[0, cls - 1] = True
         last = self.image_size - 1.0
         if self.prompt_input == "points":
             p = max(len(v) for v in asked.values())
             points, labels = torch.zeros(1, n, p, 2), torch.full((1, n, p), -1, dtype=torch.long)
+            present = torch.zeros(1, n, dtype=torch.bool)
+            present[0, [cls - 1 for cls in asked]] = True
             for cls, clicks in asked.items():
                 framed = ((torch.tensor(clicks, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(0.0, last)
                 points[0, cls - 1, :len(clicks)] = framed
                 labels[0, cls - 1, :len(clicks)] = 1
             return {"points": points, "point_labels": labels, "present": present}
-        k = max(len(v) for v in asked.values())
-        boxes = torch.tensor([0.0, 0.0, last, last]).repeat(1, n, k, 1)  # placeholder for boxes not asked
-        present = torch.zeros(1, n, k, dtype=torch.bool)
-        for cls, class_boxes in asked.items():
-            corners = torch.tensor(class_boxes, dtype=torch.float32).view(-1, 2, 2)
-            boxes[0, cls - 1, :len(class_boxes)] = ((corners + 0.5) * scale - 0.5).clamp(0.0, last).view(-1, 4)
-            present[0, cls - 1, :len(class_boxes)] = True
-        if k == 1:  # one box per class: the plain [1, N, 4] prompts
-            return {"boxes": boxes[:, :, 0], "present": present[:, :, 0]}
-        return {"boxes": boxes, "present": present}
+        framed = {cls - 1: ((torch.tensor(class_boxes, dtype=torch.float32).view(-1, 2, 2) + 0.5) * scale - 0.5)
+                  .clamp(0.0, last).view(-1, 4) for cls, class_boxes in asked.items()}
+        boxes, present = stack_class_boxes(framed, n, fill=(0.0, 0.0, last, last))  # whole image: not asked
+        return {"boxes": boxes[None], "present": present[None]}
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], prompts: Mapping[int, Sequence]) -> torch.Tensor:
         if inputs.ndim != 5 or inputs.shape[0] != 1:
