@@ -8,7 +8,7 @@ The package every medsaga MONAI bundle references. Submodules, one idea each:
 from .backbones import BACKBONES, CheckpointError, SamBackbone, build_backbone
 from .config_values import as_bool
 from .network import SamSegmenter
-from .prompts import PROMPT_KINDS, PromptKind
+from medsaga_components.prompts import PROMPT_KINDS, PromptKind
 
 __version__ = "0.1.0"
 

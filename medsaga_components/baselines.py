@@ -21,10 +21,10 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet
 
 from .backbones import build_backbone
-from .engine.cpu_allocator import keep_freed_cpu_memory
-from .engine.experiment import FewShotExperiment
-from .engine.handlers import evaluate_test_volumes
-from .engine.label_prompts import boxes_from_labels
+from medsaga_components.training.cpu_allocator import keep_freed_cpu_memory
+from medsaga_components.training.experiment import FewShotExperiment
+from medsaga_components.evaluation.test_volumes import evaluate_test_volumes
+from medsaga_components.prompts.from_labels import boxes_from_labels
 from .evaluation import evaluate_slice_dataset
 
 
@@ -34,7 +34,7 @@ BOX_PER = ("class", "structure")
 @torch.no_grad()
 def zero_shot_boxes(experiment: FewShotExperiment, out_dir: str | Path, boxes: str = "class") -> dict:
     """Evaluate pretrained LiteMedSAM prompted with ground-truth boxes per slice: one per class,
-    or one per structure of a class (``label_prompts.boxes_from_labels``).
+    or one per structure of a class (``prompts.from_labels.boxes_from_labels``).
 
     A pixel takes the class whose mask logit (the highest over its boxes) is highest among
     those above 0; classes absent from a slice get no box and cannot be predicted there.

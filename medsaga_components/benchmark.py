@@ -10,7 +10,7 @@ and ``benchmark.md``. Every worker imports the same modules (galore-torch includ
 methods that do not use it) so that the import baselines are equal.
 
 Method names: a registry method (``full``, ``medsaga``, ``samed``, ``ssam``), optionally with
-memory switches (``engine.memory.MemoryConfig``): ``<method>_efficient`` turns every switch on;
+memory switches (``training.memory.MemoryConfig``): ``<method>_efficient`` turns every switch on;
 ``+ckpt``, ``+layerwise``, ``+bf16``, ``+nograd`` turn on one each (``medsaga+ckpt+layerwise``).
 Plain names run the plain mode (no checkpointing, standard optimiser step, float32): ``samed``
 is SAMed's reference configuration.
@@ -63,10 +63,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .data.atomic import write_text_atomic
-from .engine.cpu_allocator import TRIM_THRESHOLD_BYTES
-from .engine.memory import MemoryConfig, enable_memory_efficient_training, encoder_segments, set_segment_forwards
-from .engine.label_prompts import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
+from medsaga_components.io.atomic import write_text_atomic
+from medsaga_components.training.cpu_allocator import TRIM_THRESHOLD_BYTES
+from medsaga_components.training.memory import MemoryConfig, enable_memory_efficient_training, encoder_segments, set_segment_forwards
+from medsaga_components.prompts.from_labels import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
 from .methods import METHODS, build_loss, build_network, build_optimizer
 
 DEFAULT_METHODS = (*METHODS, "medsaga+ckpt", "medsaga+layerwise", "medsaga_efficient")

@@ -29,12 +29,12 @@ from torch import nn
 from .adapters import LoraConfig, SvdConfig, adapter_parameters, inject_lora, inject_svd, mark_trainable
 from .adapters.base import has_prefix
 from .backbones import build_backbone
-from .backbones.checkpoints import load_checkpoint, load_state_dict_strict, read_state_dict
-from .engine.schedules import warmup_poly_scheduler
+from medsaga_components.io.checkpoints import load_checkpoint, load_state_dict_strict, read_state_dict
+from medsaga_components.optimizers.schedules import warmup_poly_scheduler
 from .losses import DiceBceLoss
 from .network import SamSegmenter, reset_mask_readout
 from .optimizers.galore import GaloreConfig, galore_adamw, galore_rank_groups, galore_target_weights
-from .prompts import PROMPT_KINDS, ClassTokenPrompt, PromptKind, name_keyed_embeddings
+from medsaga_components.prompts import PROMPT_KINDS, ClassTokenPrompt, PromptKind, name_keyed_embeddings
 
 ENCODER = "backbone.image_encoder"
 DECODER_AND_PROMPTS = ("prompt", "backbone.prompt_encoder", "backbone.mask_decoder")
@@ -270,13 +270,13 @@ METHODS: dict[str, Method] = {
     # the whole decoder trained (bundles/cheap_lunch/docs/README.md). With LoRA alone behind a frozen mask head the
     # learn-something disk stayed at Dice 0.07 after 100 steps. Points come with a learned class
     # token per class (prompts.ClassPointPrompt), so that inference without clicks can find each
-    # class first (engine/point_inference.py). The mask read-out starts at zero (readout="zero"):
+    # class first (inference/two_pass.py). The mask read-out starts at zero (readout="zero"):
     # after 100 steps test mean Dice 0.843 against 0.692 from the pretrained read-out.
     "cheap_lunch": Method("cheap_lunch", prompt="class_points", lora=ENCODER_QV_LORA,
                           trained_in_full=("backbone.prompt_encoder", "backbone.mask_decoder"), lr=1e-3,
                           adapter_lr=2e-3, head_lr=5e-3, ce_weight=1.0, readout="zero"),
     # MCP-MedSAM: full fine-tuning of LiteMedSAM and its prompt modules (box, class, modality and
-    # content prompts: prompts_mcp.py) with AdamW at the paper's 2e-4 and weight decay 1e-3,
+    # content prompts: prompts/mcp.py) with AdamW at the paper's 2e-4 and weight decay 1e-3,
     # Dice + BCE per class. The paper's IoU-regression term is left out: SamSegmenter returns
     # class logits only, not the decoder's IoU predictions.
     "mcp_medsam": Method("mcp_medsam", prompt="mcp", trained_in_full=("backbone", "prompt"), lr=2e-4,

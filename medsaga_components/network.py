@@ -14,11 +14,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ._segment_anything import MaskDecoder
 from .backbones import SamBackbone, build_backbone
-from .prompts import PROMPT_KINDS, PromptKind
+from medsaga_components.prompts import PROMPT_KINDS, PromptKind
 
 
 # Logit of a class whose prompt says it is absent (``prompts["present"]`` False): never predicted,
-# no gradient through its query (engine/label_prompts.py explains the placeholder prompts).
+# no gradient through its query (prompts/from_labels.py explains the placeholder prompts).
 ABSENT_CLASS_LOGIT = -1.0e4
 
 
@@ -42,7 +42,7 @@ class SamSegmenter(nn.Module):
 
     # Several boxes per class decode once per box; each training pass keeps about 1.8 GB of
     # decoder activations (batch 2, 4 classes, 256 px). The memory-efficient mode sets this
-    # (``engine.memory``) so that each pass is recomputed in backward instead: K passes then
+    # (``training.memory``) so that each pass is recomputed in backward instead: K passes then
     # hold about one pass's activations.
     checkpoint_box_passes = False
 
@@ -103,7 +103,7 @@ class SamSegmenter(nn.Module):
         if tuple(out_hw) != (size, size):
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
         embeddings = self.backbone.embed_images(image) if embeddings is None else embeddings  # [B, D, h, w]
-        if self.prompt.needs_image:  # content prompts read the image inside each box (prompts_mcp.py)
+        if self.prompt.needs_image:  # content prompts read the image inside each box (prompts/mcp.py)
             prompts = {**(prompts or {}), "image": image}
         boxes = None if prompts is None else prompts.get("boxes")
         if boxes is not None and boxes.ndim == 4:  # [B, N, K, 4]: K boxes per class

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .data.atomic import atomic_path
+from medsaga_components.io.atomic import atomic_path
 
 REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "LICENSE", "large_files.yml", "docs/README.md")
 # What a standard bundle ships besides models/model.pt; data/, eval/, runs/ and training
@@ -95,8 +95,8 @@ def package_bundle(bundle: str | Path, out: str | Path = "dist", model: str | Pa
 def plain_weights(root: Path, inference_config: dict, model_path: Path) -> dict[str, torch.Tensor]:
     """The state dict to ship: ``model_path``'s tensors, adapters merged, checked by a strict
     load into the network that ``inference_config``'s ``network_def`` builds."""
-    from .backbones.checkpoints import CheckpointError, load_state_dict_strict, read_state_dict
-    from .engine.export import plain_state_dict
+    from medsaga_components.io.checkpoints import CheckpointError, load_state_dict_strict, read_state_dict
+    from medsaga_components.adapters.export import plain_state_dict
 
     try:
         state = read_state_dict(model_path)  # weights_only=True: plain tensors or an error

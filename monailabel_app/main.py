@@ -4,7 +4,7 @@ For each bundle ``<name>`` (a folder with ``configs/inference.json`` and ``confi
 
 * infer model ``<name>``: automatic segmentation of a volume with the trained bundle;
 * infer model ``<name>_prompted``: segmentation from a user's points or boxes, for methods
-  whose prompt kind takes them (``medsaga_label.bundles.PROMPT_INPUT_OF_KIND``);
+  whose prompt kind takes them (``PromptKind.user_input``);
 * trainer ``<name>``: few-shot training from the saved final labels with the bundle's
   ``configs/train.json``; the next inference uses the new ``models/model.pt``.
 

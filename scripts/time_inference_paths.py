@@ -29,7 +29,9 @@ import medsaga_components
 from medsaga_components import SamSegmenter
 from medsaga_components.data import SliceDataset, load_decathlon
 from medsaga_components.data.manifest import SliceRef
-from medsaga_components.engine import evaluate_test_volumes, keep_freed_cpu_memory, load_plain_model
+from medsaga_components.evaluation.test_volumes import evaluate_test_volumes
+from medsaga_components.inference.model import load_plain_model
+from medsaga_components.training.cpu_allocator import keep_freed_cpu_memory
 
 BUNDLES = Path(medsaga_components.__file__).resolve().parents[1] / "bundles"
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from medsaga_components.baselines import baseline_command, unet_from_scratch, zero_shot_boxes
-from medsaga_components.engine.experiment import FewShotExperiment
+from medsaga_components.training.experiment import FewShotExperiment
 
 
 def _experiment(tmp_path):

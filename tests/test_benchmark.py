@@ -12,7 +12,7 @@ import torch
 
 from medsaga_components.benchmark import (CPU_ALLOCATORS, _method_list, _worker_environment, parse_method_variant,
                                           tensor_bytes_in)
-from medsaga_components.engine.memory import MemoryConfig
+from medsaga_components.training.memory import MemoryConfig
 
 METHODS = ["samed", "medsaga_efficient"]  # two fresh processes keep the test short
 POSITIVE_FIELDS = ["trainable_parameters", "total_parameters", "weight_bytes", "gradient_bytes_at_once",

@@ -11,9 +11,10 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
-from medsaga_components.engine.box_batches import McpPrepareBatch
-from medsaga_components.engine.box_inference import TwoPassBoxSegmenter, box_free_logits, segment_slice_with_boxes
-from medsaga_components.engine.label_prompts import boxes_from_labels, stack_class_boxes
+from medsaga_components.prompts.box_batches import McpPrepareBatch
+from medsaga_components.inference.prompted import segment_slice_with_boxes
+from medsaga_components.inference.two_pass import BoxFirstPass, TwoPassBoxSegmenter, two_pass_logits
+from medsaga_components.prompts.from_labels import boxes_from_labels, stack_class_boxes
 from medsaga_components.methods import build_network
 
 BOX_BUNDLES = ("medsaga", "samed")
@@ -35,17 +36,17 @@ def test_boxes_json_switches_prompts_batches_and_test_evaluation(bundle, demo_di
     assert parser.get_parsed_content("validate#prepare_batch").whole_image_prob == 0  # tight boxes, no noise
     for key in ("train#trainer#prepare_batch", "validate#evaluator#prepare_batch"):
         assert parser.get(key).replace("::", "#") == "@" + key.split("#")[0] + "#prepare_batch", key
-    # The fragment replaces the test evaluation in place: the handler list keeps its order.
-    handlers = parser.get("train#handlers")
-    assert [h["_target_"].rsplit(".", 1)[-1] for h in handlers] == [
-        h["_target_"].rsplit(".", 1)[-1] for h in plain.get("train#handlers")[:5]] + ["EvaluateBoxPromptedOnTestVolumes"]
+    # The fragment changes the test evaluation by name: the handler list and the other handlers stay.
+    assert parser.get("train#handlers") == plain.get("train#handlers")
+    test_evaluation = parser.get_parsed_content("train#handler#test_evaluation")
+    assert test_evaluation.boxes == "ground_truth" and plain.get_parsed_content("train#handler#test_evaluation").boxes is None
     # One switch gives every box a structure: training, validation and test.
     assert not train_batches.from_labels.per_structure
     parser.update({"box_per_structure": "true"})
     parser.parse()
     for key in ("train#prepare_batch", "validate#prepare_batch"):
         assert parser.get_parsed_content(key).from_labels.per_structure, key
-    assert parser.get_parsed_content("train#handlers")[5].per_structure
+    assert parser.get_parsed_content("train#handler#test_evaluation").per_structure
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,8 @@ def test_box_free_inference_per_structure_boxes_each_piece_of_the_first_pass():
         logits[:, 1, 20:24, 24:28] = 5.0
         return logits
 
-    box_free_logits(forward, torch.rand(1, 1, 32, 32), num_classes=2, image_size=32, per_structure=True)
+    two_pass_logits(forward, torch.rand(1, 1, 32, 32), num_classes=2, image_size=32,
+                    first_pass=BoxFirstPass(per_structure=True))
     second = calls[1]
     assert second["boxes"].shape == (1, 2, 2, 4) and second["present"].tolist() == [[[True, True], [False, False]]]
     torch.testing.assert_close(second["boxes"][0, 0], torch.tensor([[2.0, 4, 7, 9], [24, 20, 27, 23]]))
@@ -201,7 +203,7 @@ def test_stacked_user_boxes_pad_the_classes_with_fewer_boxes_as_absent():
 
 
 def test_the_memory_efficient_mode_recomputes_each_box_pass_with_the_same_gradients():
-    from medsaga_components.engine.memory import disable_memory_efficient_training, enable_memory_efficient_training
+    from medsaga_components.training.memory import disable_memory_efficient_training, enable_memory_efficient_training
     from medsaga_components.methods import build_optimizer, get_method
 
     method = get_method("medsaga").with_overrides(prompt="mcp")

@@ -4,9 +4,9 @@ import pytest
 from torch import nn
 
 from medsaga_components import as_bool
-from medsaga_components.engine import with_test_time_flips
-from medsaga_components.engine.memory import MemoryConfig
-from medsaga_components.prompts_mcp import McpPrompt
+from medsaga_components.inference.flips import with_test_time_flips
+from medsaga_components.training.memory import MemoryConfig
+from medsaga_components.prompts.mcp import McpPrompt
 
 
 @pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("false", False), ("False", False),

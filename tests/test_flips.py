@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from medsaga_components.engine import FlipAveraged, SquareSliceInferer, with_test_time_flips
+from medsaga_components.inference.flips import FlipAveraged, with_test_time_flips
+from medsaga_components.inference.slices import SquareSliceInferer
 
 
 def _asymmetric_network() -> nn.Module:

@@ -16,7 +16,9 @@ from medsaga_components import SamSegmenter
 from medsaga_components.data import SliceDataset, load_decathlon
 from medsaga_components.data.manifest import SliceRef
 from medsaga_components.data.square_resize import fit_to_square, square_geometry, square_logits_to_labels
-from medsaga_components.engine import FewShotExperiment, SquareSliceInferer, evaluate_test_volumes, load_plain_model
+from medsaga_components.engine import FewShotExperiment, SquareSliceInferer
+from medsaga_components.evaluation.test_volumes import evaluate_test_volumes
+from medsaga_components.inference.model import load_plain_model
 from medsaga_components.evaluation import VolumeAssembler
 
 ALL_BUNDLES = ("medsaga", "samed", "ssam")

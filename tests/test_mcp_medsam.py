@@ -9,19 +9,16 @@ import torch
 from data_synthetic import write_dataset
 from medsaga_components import SamSegmenter
 from medsaga_components.data import SliceDataset, SliceRef
-from medsaga_components.data.modalities import MODALITIES, UndeclaredModalityError, case_modalities, modality_index
+from medsaga_components.data.decathlon import case_modalities
+from medsaga_components.modalities import MODALITIES, UndeclaredModalityError, modality_index
 from medsaga_components.data.samplers import ModalityBalancedSampler, modality_balanced_loader
-from medsaga_components.engine.box_batches import McpPrepareBatch
-from medsaga_components.engine.label_prompts import boxes_from_labels
-from medsaga_components.engine.box_inference import (
-    BoxPromptInferer,
-    TwoPassBoxSegmenter,
-    box_free_logits,
-    evaluate_box_prompted,
-    segment_slice_with_boxes,
-)
+from medsaga_components.prompts.box_batches import McpPrepareBatch
+from medsaga_components.prompts.from_labels import boxes_from_labels
+from medsaga_components.evaluation.test_volumes import evaluate_box_prompted
+from medsaga_components.inference.prompted import segment_slice_with_boxes
+from medsaga_components.inference.two_pass import BoxFirstPass, TwoPassBoxSegmenter, two_pass_logits
 from medsaga_components.methods import build_network
-from medsaga_components.prompts_mcp import McpPrompt
+from medsaga_components.prompts.mcp import McpPrompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZE = 64
@@ -173,8 +170,6 @@ def test_box_prompted_inference_without_boxes_is_an_error_naming_them():
     image = torch.rand(1, 1, SIZE, SIZE)
     with pytest.raises(ValueError, match=r"needs prompt keys \['boxes'\].*TwoPassBoxSegmenter"):
         net(image, {"modality": "MRI"})
-    with pytest.raises(ValueError, match="box-prompted inference needs boxes"):
-        BoxPromptInferer()(image, net)
     with pytest.raises(ValueError, match="needs at least one box"):
         segment_slice_with_boxes(net, torch.rand(40, 50), {1: None, 2: None})
 
@@ -223,7 +218,8 @@ def test_box_free_inference_asks_the_whole_image_then_the_boxes_of_its_first_pre
         logits[:, 1, 5:25, 10:30] = 5.0
         return logits
 
-    box_free_logits(forward, torch.rand(1, 1, SIZE, SIZE), num_classes=2, image_size=SIZE, prompts={"modality": "CT"})
+    two_pass_logits(forward, torch.rand(1, 1, SIZE, SIZE), num_classes=2, image_size=SIZE, first_pass=BoxFirstPass(),
+                    prompts={"modality": "CT"})
     first, second = calls
     torch.testing.assert_close(first["boxes"], torch.tensor([[[0.0, 0, 63, 63]] * 2]))
     torch.testing.assert_close(second["boxes"][0, 0], torch.tensor([10.0, 5, 29, 24]))

@@ -10,7 +10,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from medsaga_components.optimizers.galore import GaloreConfig, allow_galore_state_in_checkpoints
 from medsaga_components.backbones.tiny_vit import MBConv
 from medsaga_components.benchmark import saved_activation_bytes
-from medsaga_components.engine.memory import (
+from medsaga_components.training.memory import (
     MBCONV_CHANNEL_GROUPS,
     MemoryConfig,
     disable_memory_efficient_training,

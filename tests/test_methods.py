@@ -5,8 +5,8 @@ import torch
 
 from medsaga_components import SamSegmenter
 from medsaga_components.adapters import count_parameters
-from medsaga_components.engine import plain_state_dict
-from medsaga_components.engine.label_prompts import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
+from medsaga_components.adapters.export import plain_state_dict
+from medsaga_components.prompts.from_labels import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
 from medsaga_components.methods import METHODS, build_loss, build_network, build_optimizer, get_method
 
 

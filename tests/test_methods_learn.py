@@ -10,7 +10,7 @@ method runs at 15x its few-shot rates; that scaling is the same for all methods.
 import pytest
 import torch
 
-from medsaga_components.engine.label_prompts import PROMPT_FROM_LABEL_KINDS, PromptsFromLabels
+from medsaga_components.prompts.from_labels import PROMPT_FROM_LABEL_KINDS, PromptsFromLabels
 from medsaga_components.methods import METHODS, build_loss, build_network, build_optimizer, build_scheduler, get_method
 
 SIZE = 64

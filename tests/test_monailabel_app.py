@@ -20,14 +20,17 @@ import torch
 from bundle_runs import REPO, TINY_TRAINING, run_bundle
 from medsaga_components import SamSegmenter
 from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
-from medsaga_components.engine.box_inference import TwoPassBoxSegmenter
+from medsaga_components.adapters.export import save_plain_model
+from medsaga_components.inference.model import write_model_info
+from medsaga_components.inference.two_pass import TwoPassBoxSegmenter
 
 sys.path.insert(0, str(REPO / "monailabel_app"))
 from benchmark_infer import concurrent_infers  # noqa: E402
 from client import LabelServerError  # noqa: E402
 from harness import LabelServer, monailabel_python  # noqa: E402
 from medsaga_label.bundles import discover_bundles  # noqa: E402
-from medsaga_label.prompted import NOT_ASKED, PromptedSliceInferer, prompts_from_request  # noqa: E402
+from medsaga_components.inference.prompted import PromptedSliceInferer, prompt_tensors, prompts_from_request  # noqa: E402
+from medsaga_components.network import ABSENT_CLASS_LOGIT as NOT_ASKED  # noqa: E402
 
 # The served models' settings: TINY_TRAINING's backbone and size; training runs of seconds.
 _tiny = dict(zip(TINY_TRAINING[::2], TINY_TRAINING[1::2]))
@@ -58,7 +61,7 @@ def test_prompts_map_voxels_to_slices_and_sam_coordinates():
     # a list of boxes: one per structure of the class, all of them on each slice they span
     assert boxes.slices_of({2: [[3, 1, 2, 1, 5, 4], [1, 8, 0, 1, 9, 1]]}, (10, 12, 6)) == {
         1: {2: [(2.0, 1.0, 4.0, 5.0), (0.0, 8.0, 1.0, 9.0)]}, 2: {2: [(2.0, 1.0, 4.0, 5.0)]}, 3: {2: [(2.0, 1.0, 4.0, 5.0)]}}
-    two = boxes._prompt_tensors({2: [(2.0, 1.0, 4.0, 5.0), (0.0, 8.0, 1.0, 9.0)]}, 64, 64, (64, 64))
+    two = prompt_tensors({1: [(2.0, 1.0, 4.0, 5.0), (0.0, 8.0, 1.0, 9.0)]}, "boxes", 2, 64)
     assert two["boxes"].shape == (1, 2, 2, 4) and two["present"].tolist() == [[[False, False], [True, True]]]
     assert two["boxes"][0, 1].tolist() == [[2.0, 1.0, 4.0, 5.0], [0.0, 8.0, 1.0, 9.0]]
     with pytest.raises(ValueError, match="outside the volume"):
@@ -71,21 +74,26 @@ def test_prompts_map_voxels_to_slices_and_sam_coordinates():
         prompts_from_request({"boxes": {"bone": [0, 0, 0, 1, 1, 1]}}, LABELS, "boxes")
 
 
+def save_trained(network, path):
+    save_plain_model(network, path)
+    write_model_info(network, path)
+
+
 def test_a_model_trained_with_boxes_json_is_served_box_prompted(tmp_path):
-    """The weights decide: medsaga's model.pt from configs/boxes.json is served through
-    inference_boxes.json and takes boxes; a prompt-free one keeps the plain inference.json."""
+    """What training recorded beside the weights decides (``models/model.json``, written by the
+    same calls as ``SaveBestPlainModel``): medsaga's model from configs/boxes.json is served
+    through inference_boxes.json and takes boxes; a prompt-free one keeps the plain inference.json."""
     root = tmp_path / "medsaga"
     shutil.copytree(REPO / "bundles" / "medsaga" / "configs", root / "configs")
     (root / "models").mkdir()
     overrides = {"backbone": "lite_medsam_tiny", "image_size": 64}
-    torch.save(SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64).state_dict(),
-               root / "models" / "model.pt")
+    save_trained(SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64), root / "models" / "model.pt")
     plain = discover_bundles(tmp_path, overrides)["medsaga"]
     assert not plain.box_mode and plain.prompt_input is None
     assert type(plain.build_network()).__name__ == "SamSegmenter"
     boxed = TwoPassBoxSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64, modality_prompt=False,
                                 content_prompt=False)
-    torch.save(boxed.state_dict(), root / "models" / "model.pt")
+    save_trained(boxed, root / "models" / "model.pt")
     served = discover_bundles(tmp_path, overrides)["medsaga"]
     assert served.box_mode and served.prompt_kind == "mcp" and served.prompt_input == "boxes"
     network = served.build_network()

@@ -6,12 +6,9 @@ import torch
 from monai.engines import SupervisedTrainer
 
 from medsaga_components import SamSegmenter
-from medsaga_components.engine.label_prompts import PromptsFromLabels, boxes_from_labels, points_from_labels
-from medsaga_components.engine.point_inference import (
-    TwoPassPointSegmenter,
-    point_free_logits,
-    segment_slice_with_points,
-)
+from medsaga_components.prompts.from_labels import PromptsFromLabels, boxes_from_labels, points_from_labels
+from medsaga_components.inference.prompted import segment_slice_with_points
+from medsaga_components.inference.two_pass import PointFirstPass, TwoPassPointSegmenter, two_pass_logits
 from medsaga_components.methods import build_loss, build_network, build_optimizer
 from medsaga_components.network import ABSENT_CLASS_LOGIT
 
@@ -145,7 +142,7 @@ def test_without_clicks_the_second_pass_clicks_the_middle_of_the_first(pretraine
 
     image = torch.rand(1, 1, 128, 128)  # another size than the network's: clicks map to its frame
     with torch.no_grad():
-        logits = point_free_logits(forward, image, 2, 256)
+        logits = two_pass_logits(forward, image, 2, 256, PointFirstPass())
         first = pretrained(image, None)
     assert logits.shape == (1, 3, 128, 128) and len(calls) == 2 and calls[0] is None
     expected, expected_labels = points_from_labels(first.argmax(1, keepdim=True), 2)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from medsaga_components.backbones import build_backbone
-from medsaga_components.backbones.checkpoints import sha256_of
+from medsaga_components.io.checkpoints import sha256_of
 from medsaga_components.backbones.lite_medsam import LITE_MEDSAM_SHA256, shipped_lite_medsam_checkpoint
 
 

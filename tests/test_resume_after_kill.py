@@ -22,7 +22,7 @@ from monai.transforms import AsDiscreted
 
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
 from medsaga_components.engine import SaveBestPlainModel
-from medsaga_components.engine.training_setup import BestValidationMetric
+from medsaga_components.training.setup import BestValidationMetric
 from medsaga_components.optimizers.galore import allow_galore_state_in_checkpoints
 
 EPOCHS = 4  # the kill lands in epoch 2 of 4: well before the end, however fast the machine
@@ -146,9 +146,9 @@ def test_a_restored_best_metric_keeps_a_better_model_pt(tmp_path):
 def test_resume_refuses_other_few_shot_slices(tmp_path):
     """A restart whose settings select other slices would silently train on another task."""
     from data_synthetic import write_dataset
-    from medsaga_components.backbones.checkpoints import CheckpointError
+    from medsaga_components.io.checkpoints import CheckpointError
     from medsaga_components.data import SliceDataset, SliceRef
-    from medsaga_components.engine.training_setup import FewShotSlices
+    from medsaga_components.training.setup import FewShotSlices
 
     dataset_json = write_dataset(tmp_path, n_training=1)
 

@@ -157,8 +157,8 @@ def umask_022():
 
 
 def test_outputs_written_atomically_get_the_umask_permissions(tmp_path, umask_022):
-    from medsaga_components.data.atomic import write_json_atomic
-    from medsaga_components.engine import save_plain_model
+    from medsaga_components.io.atomic import write_json_atomic
+    from medsaga_components.adapters.export import save_plain_model
 
     manifest = write_json_atomic(tmp_path / "out" / "manifest.json", {"k": 5})
     model = save_plain_model(torch.nn.Linear(2, 2), tmp_path / "models" / "model.pt")
@@ -171,7 +171,7 @@ def test_outputs_written_atomically_get_the_umask_permissions(tmp_path, umask_02
 
 
 def test_a_wrong_output_location_is_named_not_the_temporary_file(tmp_path):
-    from medsaga_components.data.atomic import OutputWriteError, write_json_atomic
+    from medsaga_components.io.atomic import OutputWriteError, write_json_atomic
 
     (tmp_path / "report").write_text("a file where --out expects a folder")
     target = tmp_path / "report" / "evaluation.json"
@@ -182,7 +182,7 @@ def test_a_wrong_output_location_is_named_not_the_temporary_file(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_output_folder_is_named(tmp_path):
-    from medsaga_components.data.atomic import OutputWriteError, write_json_atomic
+    from medsaga_components.io.atomic import OutputWriteError, write_json_atomic
 
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -221,8 +221,9 @@ class _RunsCode:
 def _load_sites(tmp_path):
     """Every place the package reads a PyTorch file, as a user reaches it."""
     from medsaga_components.backbones import build_backbone
-    from medsaga_components.engine import EvaluateOnTestVolumes, check_model_file, load_plain_model
-    from medsaga_components.engine.training_setup import prepare_training
+    from medsaga_components.engine import EvaluateOnTestVolumes, check_model_file
+    from medsaga_components.inference.model import load_plain_model
+    from medsaga_components.training.setup import prepare_training
     from medsaga_components.methods import get_method
     from medsaga_components.network import SamSegmenter
 
@@ -257,7 +258,7 @@ def _tiny_trainer():
 @pytest.mark.parametrize("site", ["backbone checkpoint", "inference model check", "evaluation model",
                                   "test evaluation after training", "class embeddings", "resume"])
 def test_an_unsafe_pickle_is_refused_naming_the_file(tmp_path, site):
-    from medsaga_components.backbones.checkpoints import UnsafeCheckpointError
+    from medsaga_components.io.checkpoints import UnsafeCheckpointError
 
     marker = tmp_path / "code_ran"
     evil = tmp_path / "model.pt"
@@ -272,7 +273,7 @@ def test_an_unsafe_pickle_is_refused_naming_the_file(tmp_path, site):
 
 
 def test_a_corrupt_checkpoint_is_not_called_unsafe(tmp_path):
-    from medsaga_components.backbones.checkpoints import CheckpointError, UnsafeCheckpointError, load_checkpoint
+    from medsaga_components.io.checkpoints import CheckpointError, UnsafeCheckpointError, load_checkpoint
 
     good = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(3)}, good)
@@ -301,7 +302,7 @@ def test_run_inference_predictions_are_written_atomically(tmp_path, monkeypatch,
     import medsaga_components.engine  # noqa: F401  (what bundle configs import: registers the writer)
     from monai.transforms import SaveImaged
 
-    from medsaga_components.engine import AtomicNibabelWriter
+    from medsaga_components.inference.writer import AtomicNibabelWriter
 
     def saver():
         return SaveImaged(keys="pred", output_dir=str(tmp_path / "out"), output_postfix="seg", output_dtype=np.uint8,

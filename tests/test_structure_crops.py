@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from medsaga_components.data.structure_crops import StructureCropd, crop_square, paste_square, square_around
-from medsaga_components.engine import SquareSliceInferer, StructureCropTwoPass, ZoomInferer, with_zoom, zoom_setting
+from medsaga_components.inference.slices import SquareSliceInferer
+from medsaga_components.inference.zoom import StructureCropTwoPass, ZoomInferer, with_zoom, zoom_setting
 
 
 def _two_structures(size: int = 64) -> dict:

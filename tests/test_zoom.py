@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from medsaga_components.data.zoom_crops import zoomed_crop_transforms
-from medsaga_components.engine import SquareSliceInferer, ZoomedSlidingWindow, ZoomInferer, with_zoom
-from medsaga_components.engine.handlers import evaluate_test_volumes
+from medsaga_components.evaluation.test_volumes import evaluate_test_volumes
+from medsaga_components.inference.slices import SquareSliceInferer
+from medsaga_components.inference.zoom import ZoomedSlidingWindow, ZoomInferer, with_zoom
 
 
 def _slice_with_two_classes() -> dict:

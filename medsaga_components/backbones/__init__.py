@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from .checkpoints import CheckpointError
+from medsaga_components.io.checkpoints import CheckpointError
 from .lite_medsam import build_lite_medsam
 from .sam_backbone import SamBackbone
 from .sam_vit import VIT_SPECS, build_sam_vit

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from .._segment_anything import MaskDecoder, PromptEncoder, TwoWayTransformer
-from .checkpoints import CheckpointError, load_state_dict_strict, read_state_dict
+from medsaga_components.io.checkpoints import CheckpointError, load_state_dict_strict, read_state_dict
 from .sam_backbone import SamBackbone
 from .tiny_vit import TinyViTEncoder
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._segment_anything import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
-from .checkpoints import load_state_dict_strict, read_state_dict
+from medsaga_components.io.checkpoints import load_state_dict_strict, read_state_dict
 from .sam_backbone import SamBackbone
 
 PATCH_SIZE = 16

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from medsaga_components.data.atomic import write_json_atomic
+from medsaga_components.io.atomic import write_json_atomic
 from medsaga_components.data.decathlon import DatasetError
 
 # dataset.json keys that describe the classes and intensities rather than the images

@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from medsaga_components.data.labels import ClassMap
 from medsaga_components.data.volume_io import VolumeReadError, read_image, read_label
+from medsaga_components.modalities import MODALITIES, check_modalities, modality_index
 
 SPLITS = ("training", "validation", "test")
 
@@ -260,3 +261,30 @@ def validate_dataset(path: str | Path, splits: tuple[str, ...] = SPLITS) -> Deca
         raise DatasetError(f"dataset {dataset.path} failed validation ({len(problems)} problems):\n  - {shown}{more}",
                            problems)
     return dataset
+
+
+def case_modalities(dataset_json: str | Path, modalities: Sequence[str] = MODALITIES) -> dict[str, int]:
+    """``{image path as written in dataset.json: modality index}`` for every case of every split.
+
+    A case's own ``modality`` key wins over the dataset's. Every name is checked against
+    ``modalities`` here, before anything trains.
+    """
+    path = Path(dataset_json)
+    if path.is_dir():
+        path = path / "dataset.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if "modality" not in raw:
+        raise DatasetError(f"{path}: missing key 'modality'")
+    default = parse_modality(raw["modality"], path)
+    modalities = check_modalities(modalities)
+    default_index = modality_index(default, modalities, where=f"{path} 'modality'")
+    lookup: dict[str, int] = {}
+    for split in SPLITS:
+        for i, entry in enumerate(raw.get(split, []) or []):
+            if not isinstance(entry, Mapping):
+                lookup[str(entry)] = default_index
+                continue
+            own = entry.get("modality")
+            lookup[str(entry.get("image"))] = default_index if own is None else modality_index(
+                own, modalities, where=f"{path} {split}[{i}] ({entry.get('image')})")
+    return lookup

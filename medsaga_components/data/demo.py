@@ -35,8 +35,8 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
-from medsaga_components.data import demo_small_structures
-from medsaga_components.data.atomic import give_default_mode
+import medsaga_components.data.demo_small_structures as demo_small_structures
+from medsaga_components.io.atomic import give_default_mode
 from medsaga_components.data.decathlon import DatasetError, validate_dataset
 from medsaga_components.data.slicing import crop_slab
 

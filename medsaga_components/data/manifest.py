@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsaga_components.data.atomic import write_json_atomic
+from medsaga_components.io.atomic import write_json_atomic
 
 MANIFEST_FORMAT = "medsaga-fewshot-manifest"
 MANIFEST_VERSION = 1

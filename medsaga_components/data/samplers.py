@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .modalities import MODALITIES, case_modalities
+from medsaga_components.data.decathlon import case_modalities
+from medsaga_components.modalities import MODALITIES
 
 
 class ModalityBalancedSampler(Sampler[int]):
@@ -71,7 +72,7 @@ def modality_balanced_loader(dataset: Dataset, dataset_json: str, batch_size: in
 
     ``dataset``: a ``SliceDataset`` (its samples' volumes give the cases; their modalities
     come from ``dataset_json``, a case's own ``modality`` key first, see
-    ``data.modalities.case_modalities``). A batch never exceeds the number of samples, as in
+    ``data.decathlon.case_modalities``). A batch never exceeds the number of samples, as in
     ``FewShotExperiment.train_loader``.
     """
     lookup = case_modalities(dataset_json, MODALITIES if modalities is None else modalities)

@@ -52,6 +52,19 @@ class SquareGeometry:
             raise ValueError(f"square geometry needs 5 values (h, w, resized_h, resized_w, size), got {flat}")
         return cls(*flat)
 
+    def to_square(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """Points ``[..., 2]`` (x, y) or boxes ``[..., 4]`` (x0, y0, x1, y1) in the slice's pixels
+        -> the same in the square frame, clamped to it: pixel centres map to pixel centres,
+        ``(p + 0.5) * resized / original - 0.5``, as the image itself is resized. The one place
+        prompts are mapped into the network's frame (user prompts, prompts from a first pass)."""
+        coordinates = torch.as_tensor(coordinates, dtype=torch.float32)
+        if coordinates.shape[-1] not in (2, 4):
+            raise ValueError(f"expected points [..., 2] (x, y) or boxes [..., 4] (x0, y0, x1, y1), "
+                             f"got {tuple(coordinates.shape)}")
+        scale = torch.tensor([self.resized_width / self.width, self.resized_height / self.height],
+                             device=coordinates.device).repeat(coordinates.shape[-1] // 2)
+        return ((coordinates + 0.5) * scale - 0.5).clamp(0.0, self.image_size - 1.0)
+
 
 def square_geometry(height: int, width: int, image_size: int) -> SquareGeometry:
     if height < 1 or width < 1 or image_size < 1:

@@ -7,7 +7,7 @@ both hemispheres and the landmarks between them in view. Sliding windows (``data
 show a quarter of the slice, too little to tell the structures apart.
 
 ``StructureCropd`` trains on such squares (from the label) and on whole slices; at inference
-``engine.zoom_inference.StructureCropTwoPass`` finds the square from a first, whole-slice pass.
+``inference.zoom.StructureCropTwoPass`` finds the square from a first, whole-slice pass.
 Both cut and scale with ``crop_square`` and use ``square_around`` for the square.
 """
 

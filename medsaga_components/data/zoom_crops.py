@@ -5,7 +5,7 @@ amygdala of the AAL task: about 12). ``zoomed_crop_transforms`` scales each trai
 ``zoom`` and cuts an S x S window out of it, centred on a pixel of a class drawn with equal
 chance per class present (MONAI ``RandCropByLabelClassesd``), so that rare classes are seen as
 often as common ones and at ``zoom`` times the detail. Inference then reads the same scale
-with a sliding window (``engine.zoom_inference``).
+with a sliding window (``inference.zoom``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def zoomed_crop_transforms(image_size: int, zoom: float, num_classes: int, backg
 
     Args:
         image_size: S.
-        zoom: the scale (> 1), the same as inference's ``engine.zoom_inference``.
+        zoom: the scale (> 1), the same as inference's ``inference.zoom``.
         num_classes: N foreground classes (labels 0..N).
         background_ratio: weight of windows centred on background against 1 per foreground
             class, so that the network also learns that a window can hold no structure (most

@@ -1,72 +1,30 @@
-"""Training and inference glue the bundle configs reference: the few-shot experiment,
-schedules, handlers, export of plain weights, volume inference."""
+"""What the bundle configs reference (``medsaga_components.engine.X``), re-exported from where it
+lives, so that the configs name one stable place. No logic here: training is in ``training/``,
+inference in ``inference/``, prompts in ``prompts/``, the test evaluation in ``evaluation/``."""
 
-from __future__ import annotations
+from medsaga_components.bundle_config import find_bundle_root
+from medsaga_components.evaluation.test_volumes import EvaluateOnTestVolumes, evaluation_points
+from medsaga_components.inference.model import check_model_file
+from medsaga_components.inference.preprocessing import ScaleIntensityForModalityd
+from medsaga_components.inference.slices import SquareSliceInferer
+from medsaga_components.inference.two_pass import TwoPassBoxSegmenter, TwoPassInferer, TwoPassPointSegmenter
+from medsaga_components.inference.volumes import dataset_modality, list_volumes
+from medsaga_components.inference.writer import register_atomic_nifti_writer
+from medsaga_components.inference.zoom import ZoomInferer
+from medsaga_components.prompts.box_batches import McpPrepareBatch
+from medsaga_components.prompts.from_labels import PromptsFromLabels
+from medsaga_components.training.cpu_allocator import keep_freed_cpu_memory
+from medsaga_components.training.experiment import FewShotExperiment, experiment_dataset
+from medsaga_components.training.handlers import SaveBestPlainModel
+from medsaga_components.training.memory import enable_memory_efficient_training
+from medsaga_components.training.setup import prepare_training
+from medsaga_components.training.stopping import TrainUntilPlateau
 
-from pathlib import Path
-
-from torch import nn
-
-from ..backbones.checkpoints import load_checkpoint, load_state_dict_strict
-from .command_line import check_bundle_command_line
-from .cpu_allocator import keep_freed_cpu_memory
-from .experiment import FewShotExperiment, experiment_dataset
-from .export import merge_adapters, plain_state_dict, save_plain_model
-from .flips import FlipAveraged, with_test_time_flips
-from .handlers import EvaluateOnTestVolumes, SaveBestPlainModel, evaluate_test_volumes
-from .memory import MemoryConfig, enable_memory_efficient_training
-from .prediction_writer import AtomicNibabelWriter, register_atomic_nifti_writer
-from .schedules import warmup_poly_scheduler
-from .slice_inferer import SquareSliceInferer
-from .zoom_inference import StructureCropTwoPass, ZoomedSlidingWindow, ZoomInferer, with_zoom, zoom_setting
-from .stopping import TrainUntilPlateau
-from .training_setup import prepare_training
-from .transforms import ScaleIntensityForModalityd
-from .volumes import dataset_modality, list_volumes
-
-register_atomic_nifti_writer()  # run inference's SaveImaged writes predictions atomically (prediction_writer.py)
-
-
-def find_bundle_root(name: str) -> str:
-    """The bundle folder, whether a command runs inside it or at the repository root.
-
-    Bundle configs use this as the default ``bundle_root``; ``--bundle_root`` overrides it.
-    """
-    cwd = Path.cwd()
-    for candidate in (cwd, cwd / "bundles" / name):
-        if (candidate / "configs" / "metadata.json").is_file() and candidate.name == name:
-            return str(candidate)
-    if (cwd / "configs" / "metadata.json").is_file():
-        return str(cwd)
-    raise FileNotFoundError(f"cannot find the {name} bundle from {cwd}: run from the repository root or the "
-                            f"bundle folder, or pass --bundle_root")
-
-
-def check_model_file(path: str | Path, network: nn.Module | None = None) -> None:
-    """Fail before inference starts when the trained weights are missing, unreadable or unsafe
-    (read once here through ``load_checkpoint``, so the error names the file), when they do
-    not fit ``network`` (another backbone, number of classes or prompt kind: the error names
-    the file and the mismatch; the weights are then loaded into it), or when the command line
-    has a misspelled key."""
-    check_bundle_command_line()
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model weights not found: {path} (run training first, or pass --model_path)")
-    state = load_checkpoint(path, "model weights")
-    if network is not None:
-        load_state_dict_strict(network, state, path, "inference network_def (backbone, num_classes, prompt kind; "
-                               "a model trained with configs/boxes.json needs configs/inference_boxes.json)")
-
-
-def load_plain_model(network: nn.Module, path: str | Path) -> nn.Module:
-    """``network`` with adapters merged and the plain weights of ``path`` loaded (strict)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model weights not found: {path} (run training first, or pass --model_path)")
-    plain = merge_adapters(network)
-    load_state_dict_strict(plain, load_checkpoint(path, "model weights"), path, "network")
-    return plain
-
-
-__all__ = ["AtomicNibabelWriter", "FewShotExperiment", "merge_adapters", "plain_state_dict", "save_plain_model", "EvaluateOnTestVolumes",
-           "SaveBestPlainModel", "evaluate_test_volumes", "warmup_poly_scheduler", "SquareSliceInferer", "TrainUntilPlateau",
-           "ScaleIntensityForModalityd", "find_bundle_root", "load_plain_model", "check_model_file", "prepare_training",
-           "list_volumes", "dataset_modality", "FlipAveraged", "with_test_time_flips", "StructureCropTwoPass", "ZoomedSlidingWindow", "ZoomInferer", "with_zoom", "zoom_setting", "keep_freed_cpu_memory"]
+__all__ = [
+    "EvaluateOnTestVolumes", "FewShotExperiment", "McpPrepareBatch", "PromptsFromLabels", "SaveBestPlainModel",
+    "ScaleIntensityForModalityd", "SquareSliceInferer", "TrainUntilPlateau", "TwoPassBoxSegmenter", "TwoPassInferer",
+    "TwoPassPointSegmenter", "ZoomInferer", "check_model_file", "dataset_modality",
+    "enable_memory_efficient_training", "evaluation_points",
+    "experiment_dataset", "find_bundle_root", "keep_freed_cpu_memory", "list_volumes",
+    "prepare_training", "register_atomic_nifti_writer",
+]

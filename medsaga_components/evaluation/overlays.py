@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medsaga_components.data.atomic import atomic_path
+from medsaga_components.io.atomic import atomic_path
 from medsaga_components.data.slicing import check_axis, take_slice, volume_to_slices
 
 # Class 1, 2, ... colours (RGB); chosen to stay distinguishable from each other and from grey.

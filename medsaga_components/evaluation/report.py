@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medsaga_components.data.atomic import write_json_atomic, write_text_atomic
+from medsaga_components.io.atomic import write_json_atomic, write_text_atomic
 
 
 def _number(value: float | None, reason: str = "") -> str:

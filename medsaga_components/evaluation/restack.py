@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from medsaga_components.data.atomic import atomic_path
+from medsaga_components.io.atomic import atomic_path
 from medsaga_components.data.labels import ClassMap
 from medsaga_components.data.slicing import check_axis, slices_to_volume
 from medsaga_components.data.square_resize import SquareGeometry, undo_resize_pad_labels

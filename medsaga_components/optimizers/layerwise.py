@@ -1,7 +1,7 @@
 """Per-parameter optimiser steps inside backward: the full-size gradients of the whole
 network never coexist (PyTorch's "optimizer step in backward" pattern).
 
-The memory-efficient training mode (``engine.memory``, switch ``layerwise_steps``) wraps the
+The memory-efficient training mode (``training.memory``, switch ``layerwise_steps``) wraps the
 method's optimiser in :class:`LayerwiseOptimizer`.
 """
 

@@ -10,12 +10,9 @@ from typing import Any, Mapping
 
 import torch
 
-# Prompt kinds (``medsaga_components.prompts.PROMPT_KINDS``) and what a user gives them.
-PROMPT_INPUT_OF_KIND = {"points": "points", "class_points": "points", "boxes": "boxes", "mcp": "boxes"}
 # The prompt-free bundles' box-prompted mode: a model trained with configs/boxes.json is served
 # through inference.json + this fragment (and takes a user's boxes).
 BOX_MODE_FRAGMENT = "inference_boxes.json"
-BOX_MODE_WEIGHT = "prompt.class_tokens"  # a key only box-prompted (mcp) models have
 
 
 class ServedBundle:
@@ -54,13 +51,15 @@ class ServedBundle:
 
     def _model_trained_with_boxes(self) -> bool:
         """Whether the bundle has the box-prompted mode and its ``models/model.pt`` was trained
-        in it (the weights decide, not a setting that could disagree with them)."""
+        in it, as the training run recorded beside the weights (``models/model.json``,
+        ``inference.model.write_model_info``)."""
         if not (self.root / "configs" / BOX_MODE_FRAGMENT).is_file():
             return False
-        from medsaga_components.backbones.checkpoints import load_checkpoint
+        from medsaga_components.inference.model import read_model_info
+        from medsaga_components.prompts import user_input_of
 
-        path = Path(self._config_parser().get_parsed_content("model_path"))
-        return path.is_file() and BOX_MODE_WEIGHT in load_checkpoint(path, "model weights")
+        kind = read_model_info(self._config_parser().get_parsed_content("model_path")).get("prompt_kind")
+        return kind is not None and user_input_of(kind) == "boxes"
 
     @property
     def prompt_kind(self) -> str:
@@ -78,7 +77,9 @@ class ServedBundle:
     @property
     def prompt_input(self) -> str | None:
         """``"points"`` or ``"boxes"`` when the method takes a user's prompts, else None."""
-        return PROMPT_INPUT_OF_KIND.get(self.prompt_kind)
+        from medsaga_components.prompts import user_input_of
+
+        return user_input_of(self.prompt_kind)
 
     @property
     def parser(self):

@@ -2,7 +2,7 @@
 which the CPU build of torch here cannot load).
 
 ``BundleSegmentation`` runs the bundle's own inference path: ``preprocessing``, the network
-of ``network_def`` with ``models/model.pt`` loaded by ``engine.load_plain_model`` (strict,
+of ``network_def`` with ``models/model.pt`` loaded by ``inference.model.load_plain_model`` (strict,
 plain tensors), the ``inferer`` (``SquareSliceInferer``) and ``postprocessing`` without its
 writer. ``PromptedBundleSegmentation`` replaces the inferer by :class:`PromptedSliceInferer`
 for methods that take a user's points or boxes.
@@ -24,8 +24,9 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.writer import Writer
 
+from medsaga_components.inference.prompted import PromptedSliceInferer, prompts_from_request
+
 from .bundles import ServedBundle
-from .prompted import PromptedSliceInferer, prompts_from_request
 
 
 class BundleSegmentation(BasicInferTask):
@@ -82,7 +83,7 @@ class BundleSegmentation(BasicInferTask):
                 f"bundle '{self.bundle.name}' has no trained model yet ({path} not found): train it first "
                 f"(save labels, then POST /train/{self.bundle.name}; or python -m monai.bundle run training "
                 f"--config_file {self.bundle.root / 'configs' / 'train.json'})")
-        from medsaga_components.engine import load_plain_model
+        from medsaga_components.inference.model import load_plain_model
 
         stamp = os.stat(path).st_mtime_ns
         with self._lock:  # concurrent requests build the network once

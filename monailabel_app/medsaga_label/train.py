@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from medsaga_components.data.atomic import write_json_atomic
+from medsaga_components.io.atomic import write_json_atomic
 
 from .bundles import ServedBundle
 

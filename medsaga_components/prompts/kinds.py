@@ -1,12 +1,12 @@
-"""Prompt kinds for :class:`~medsaga_components.network.SamSegmenter`.
+"""The prompt kinds every method builds on (MCP-MedSAM's is in ``mcp.py``).
 
 A prompt kind turns a batch's prompts into SAM prompt embeddings for Q queries per image:
 sparse ``[B, Q, T, D]`` and dense ``[B, Q, D, h, w]``. Each query is decoded once. Kinds
 with ``per_class = True`` ask one query per class (Q = N) and read one mask per query;
 the others ask one query per image and read N + 1 class masks from a widened decoder.
 
-New kinds subclass :class:`PromptKind` and register in ``PROMPT_KINDS``; the segmenter
-does not change.
+New kinds subclass :class:`PromptKind` and are named in ``prompts/__init__.py``'s
+``PROMPT_KINDS``; the segmenter does not change.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ._segment_anything import PromptEncoder
+from medsaga_components._segment_anything import PromptEncoder
 
 
 class PromptEmbeddings(NamedTuple):
@@ -29,6 +29,9 @@ class PromptKind(nn.Module):
     """Base class: one query per image, no prompt tokens (SAMed/MedSAGa's class masks)."""
 
     per_class = False
+    # What a user gives this kind: "boxes", "points" or None (nothing; MONAI Label then offers
+    # automatic segmentation only). Prompts made from labels and the app read it from here.
+    user_input: str | None = None
     needs_image = False  # True: SamSegmenter passes the input image as prompts["image"] (content prompts)
     required_keys: tuple[str, ...] = ()
 
@@ -64,6 +67,7 @@ class BoxPrompt(PromptKind):
     """Boxes ``prompts["boxes"]`` ``[B, Q, 4]`` (x0, y0, x1, y1 in input pixels), one query per class."""
 
     per_class = True
+    user_input = "boxes"
     required_keys = ("boxes",)
 
     def forward(self, prompt_encoder, batch_size, prompts):
@@ -89,6 +93,7 @@ class PointPrompt(PromptKind):
     ``prompts["point_labels"]`` ``[B, Q, P]`` (1 inside, 0 outside, -1 padding); one query per class."""
 
     per_class = True
+    user_input = "points"
     required_keys = ("points", "point_labels")
 
     def forward(self, prompt_encoder, batch_size, prompts):
@@ -110,7 +115,7 @@ class ClassPointPrompt(PointPrompt):
     class token alone (SAM's "no point" padding beside it). Training sends a share of the
     queries without clicks (``PromptsFromLabels(promptless_prob=...)``), and inference without
     clicks runs that first, then clicks the middle of each class it found
-    (``engine.point_inference``). The tokens start like SAM's own prompt tokens (N(0, 1)).
+    (``inference.two_pass``). The tokens start like SAM's own prompt tokens (N(0, 1)).
     This is this project's addition to Cheap Lunch's plain point prompts.
 
     LiteMedSAM learned from boxes only: asked with a click on a demo slice it answers "no
@@ -215,13 +220,3 @@ class ClassTokenPrompt(PromptKind):
         dense = prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1, 1, 1).expand(
             batch_size, self.num_classes, -1, *prompt_encoder.image_embedding_size)
         return PromptEmbeddings(sparse, dense)
-
-
-PROMPT_KINDS: dict[str, type[PromptKind]] = {
-    "none": NoPrompt,
-    "boxes": BoxPrompt,
-    "points": PointPrompt,
-    "class_points": ClassPointPrompt,
-    "class_tokens": ClassTokenPrompt,
-}
-from . import prompts_mcp  # noqa: E402,F401  (registers MCP-MedSAM's "mcp" kind in PROMPT_KINDS)

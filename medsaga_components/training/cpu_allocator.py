@@ -18,7 +18,7 @@ import ctypes
 import logging
 import sys
 
-from ..config_values import as_bool
+from medsaga_components.config_values import as_bool
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Imaging modalities: the names a modality prompt knows, and the modality of each case.
+"""Imaging modalities: the names a modality prompt knows (the vocabulary the data and the
+prompts share; a case's modality is read by ``data.decathlon.case_modalities``).
 
 A Decathlon ``dataset.json`` names one ``modality`` for the whole dataset; a mixed dataset
 may also name one per case (``{"image": ..., "label": ..., "modality": "CT"}`` in any split),
@@ -11,11 +12,7 @@ the vocabulary is an error naming it, the file or case it came from, and the nam
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Mapping, Sequence
-
-from .decathlon import SPLITS, DatasetError, parse_modality
+from typing import Sequence
 
 MODALITIES: tuple[str, ...] = ("CT", "MRI", "PET", "US", "X-ray", "Endoscopy", "Dermoscopy", "Fundus",
                                "Microscopy", "OCT", "Mammography")
@@ -62,32 +59,4 @@ def check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def case_modalities(dataset_json: str | Path, modalities: Sequence[str] = MODALITIES) -> dict[str, int]:
-    """``{image path as written in dataset.json: modality index}`` for every case of every split.
-
-    A case's own ``modality`` key wins over the dataset's. Every name is checked against
-    ``modalities`` here, before anything trains.
-    """
-    path = Path(dataset_json)
-    if path.is_dir():
-        path = path / "dataset.json"
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    if "modality" not in raw:
-        raise DatasetError(f"{path}: missing key 'modality'")
-    default = parse_modality(raw["modality"], path)
-    modalities = check_modalities(modalities)
-    default_index = modality_index(default, modalities, where=f"{path} 'modality'")
-    lookup: dict[str, int] = {}
-    for split in SPLITS:
-        for i, entry in enumerate(raw.get(split, []) or []):
-            if not isinstance(entry, Mapping):
-                lookup[str(entry)] = default_index
-                continue
-            own = entry.get("modality")
-            lookup[str(entry.get("image"))] = default_index if own is None else modality_index(
-                own, modalities, where=f"{path} {split}[{i}] ({entry.get('image')})")
-    return lookup
-
-
-__all__ = ["MODALITIES", "ALIASES", "UndeclaredModalityError", "modality_index", "check_modalities",
-           "case_modalities"]
+__all__ = ["MODALITIES", "ALIASES", "UndeclaredModalityError", "modality_index", "check_modalities"]

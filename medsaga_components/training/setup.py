@@ -25,8 +25,8 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import TensorBoardStatsHandler, ValidationHandler, from_engine
 from torch import nn
 
-from ..backbones.checkpoints import CheckpointError, load_checkpoint, load_state_dict_strict
-from ..config_values import as_bool
+from medsaga_components.io.checkpoints import CheckpointError, load_checkpoint, load_state_dict_strict
+from medsaga_components.config_values import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def prepare_training(trainer: Engine, network: nn.Module, optimizer, lr_schedule
         if path is None:
             raise FileNotFoundError(f"resume=True but no checkpoint in {checkpoint_dir}")
         # GaLore's projector objects are in the optimizer state; let weights_only loading accept them.
-        from ..optimizers.galore import allow_galore_state_in_checkpoints
+        from medsaga_components.optimizers.galore import allow_galore_state_in_checkpoints
 
         allow_galore_state_in_checkpoints()
         checkpoint = load_checkpoint(path, "training checkpoint")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
 from torch import nn
 
-from ..data.structure_crops import crop_square, paste_square, square_around
+from medsaga_components.data.structure_crops import crop_square, paste_square, square_around
 
 STRUCTURES = "structures"
 

@@ -1,4 +1,5 @@
-"""Refusing misspelled keys on a bundle's command line.
+"""Glue between a bundle's configs and the package: finding the bundle folder, and refusing
+misspelled keys on a bundle's command line.
 
 ``python -m monai.bundle run training --config_file train.json --shot 3`` adds a new key ``shot``
 to the config and trains with the default ``shots``: MONAI accepts any override. A bundle run
@@ -102,3 +103,18 @@ def check_bundle_command_line(argv: Sequence[str] | None = None) -> None:
     if not flags.get("config_file"):
         return  # an args_file run: MONAI reads the files from it
     check_override_keys(_config_files(flags["config_file"]), [k for k in flags if k != "config_file"])
+
+
+def find_bundle_root(name: str) -> str:
+    """The bundle folder, whether a command runs inside it or at the repository root.
+
+    Bundle configs use this as the default ``bundle_root``; ``--bundle_root`` overrides it.
+    """
+    cwd = Path.cwd()
+    for candidate in (cwd, cwd / "bundles" / name):
+        if (candidate / "configs" / "metadata.json").is_file() and candidate.name == name:
+            return str(candidate)
+    if (cwd / "configs" / "metadata.json").is_file():
+        return str(cwd)
+    raise FileNotFoundError(f"cannot find the {name} bundle from {cwd}: run from the repository root or the "
+                            f"bundle folder, or pass --bundle_root")

@@ -8,13 +8,13 @@ import torch
 from monai.transforms import Compose
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
-from ..data import SliceDataset, augmentation_transforms, ensure_demo_dataset, fewshot_command, read_manifest
-from ..data.datalist import write_datalist_dataset
-from ..data.fewshot import STRATEGIES as FEWSHOT_STRATEGIES
-from ..data.structure_crops import StructureCropd
-from ..data.zoom_crops import zoomed_crop_transforms
-from .command_line import check_bundle_command_line
-from .zoom_inference import STRUCTURES, zoom_setting
+from medsaga_components.data import SliceDataset, augmentation_transforms, ensure_demo_dataset, fewshot_command, read_manifest
+from medsaga_components.data.datalist import write_datalist_dataset
+from medsaga_components.data.fewshot import STRATEGIES as FEWSHOT_STRATEGIES
+from medsaga_components.data.structure_crops import StructureCropd
+from medsaga_components.data.zoom_crops import zoomed_crop_transforms
+from medsaga_components.bundle_config import check_bundle_command_line
+from medsaga_components.inference.zoom import STRUCTURES, zoom_setting
 
 
 class FewShotExperiment:
@@ -37,7 +37,7 @@ class FewShotExperiment:
         zoom: > 1 trains on windows of the slices scaled by ``zoom``, centred on the classes
             (``data.zoom_crops``); ``"structures"`` on whole slices and squares around the
             labelled structures (``data.structure_crops``). Inference must then read the same
-            way (``engine.zoom_inference``).
+            way (``inference.zoom``).
         train_data, validation_data: MONAI datalists (``[{"image", "label"}, ...]``, the bundle
             keys ``train#dataset#data`` / ``validate#dataset#data`` that MONAI Label's bundle
             trainer sets). Given ``train_data``, ``dataset_dir``'s dataset.json only declares

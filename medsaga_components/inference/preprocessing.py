@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from ..data.intensity import scale_intensity
+from medsaga_components.data.intensity import scale_intensity
 
 
 class ScaleIntensityForModalityd(MapTransform):

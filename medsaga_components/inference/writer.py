@@ -3,7 +3,7 @@
 ``run inference`` writes its label maps with MONAI's ``SaveImaged``, whose writer saves straight
 onto the final name: a run stopped mid-file leaves a truncated ``*_seg.nii.gz`` that a pipeline
 then reads as a result. ``AtomicNibabelWriter`` writes to a temporary file beside the target and
-renames it (``data.atomic.atomic_path``: normal permissions, errors naming the target).
+renames it (``io.atomic.atomic_path``: normal permissions, errors naming the target).
 
 ``register_atomic_nifti_writer`` puts it first in MONAI's writer table for ``.nii``/``.nii.gz``,
 so every ``SaveImage(d)`` created afterwards uses it with no change to the bundle configs; the
@@ -18,7 +18,7 @@ from monai.data import NibabelWriter, register_writer
 from monai.data.image_writer import SUPPORTED_WRITERS
 from monai.config import PathLike
 
-from ..data.atomic import atomic_path
+from medsaga_components.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config_values import as_bool
+from medsaga_components.config_values import as_bool
 
 # Identity, left-right, up-down, both: the flips the training augmentation draws.
 IN_PLANE_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from ..data.atomic import write_json_atomic
+from medsaga_components.io.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class TrainUntilPlateau:
             self.stop_reason = f"time cap: {self.max_seconds / 60:g} minutes"
             trainer.terminate()
 
-    # Saved in the training checkpoints (engine/training_setup.py): a resumed run keeps counting
+    # Saved in the training checkpoints (training/setup.py): a resumed run keeps counting
     # validations without a gain from where the interrupted one stopped. The time cap counts
     # from each (re)start.
     def state_dict(self) -> dict[str, float | int]:

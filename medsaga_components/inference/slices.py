@@ -10,10 +10,10 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
-from ..config_values import as_bool
-from ..data.square_resize import fit_to_square, square_logits_to_slice
-from .flips import with_test_time_flips
-from .zoom_inference import with_zoom, zoom_setting
+from medsaga_components.config_values import as_bool
+from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
+from medsaga_components.inference.flips import with_test_time_flips
+from medsaga_components.inference.zoom import with_zoom, zoom_setting
 
 
 class SquareSliceInferer(Inferer):

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_values import as_bool
-from .data.modalities import MODALITIES, check_modalities, modality_index
-from .prompts import PROMPT_KINDS, PromptEmbeddings, PromptKind
+from medsaga_components.config_values import as_bool
+from medsaga_components.modalities import MODALITIES, check_modalities, modality_index
+from medsaga_components.prompts.kinds import PromptEmbeddings, PromptKind
 
 # Corner coordinates may reach the frame's far edge (exclusive maxima); anything further is outside.
 EDGE_TOLERANCE = 1.0
@@ -134,7 +134,7 @@ class McpPrompt(PromptKind):
 
     Args:
         num_classes: N; embed_dim: D, the prompt encoder's.
-        modalities: the modality vocabulary (``data.modalities.MODALITIES`` by default); one
+        modalities: the modality vocabulary (``modalities.MODALITIES`` by default); one
             learned token each.
         modality_prompt, content_prompt: the paper's two prompts, each switchable (saved with
             the weights).
@@ -145,6 +145,7 @@ class McpPrompt(PromptKind):
     """
 
     per_class = True
+    user_input = "boxes"
     needs_image = True
     required_keys = ("boxes",)
 
@@ -170,7 +171,7 @@ class McpPrompt(PromptKind):
         if prompts.get("boxes") is None:
             raise ValueError(f"{type(self).__name__} needs prompt keys ['boxes'] (box-prompted inference: one box "
                              "[B, N, 4] per class, x0, y0, x1, y1 pixels); got none. Without boxes, use "
-                             "engine.box_inference.TwoPassBoxSegmenter or TwoPassInferer (box-free, two passes)")
+                             "engine.TwoPassBoxSegmenter or TwoPassInferer (box-free, two passes)")
         return prompts
 
     def modality_indices(self, modality, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -229,5 +230,3 @@ def mcp_prompt_from_options(num_classes: int, embed_dim: int, options: Mapping |
 
 
 __all__ = ["McpPrompt", "ContentEncoder", "check_boxes", "crop_boxes", "paste_into_boxes", "mcp_prompt_from_options"]
-
-PROMPT_KINDS["mcp"] = McpPrompt

@@ -2,12 +2,12 @@
 
 Training draws each class's box from the ground truth with jitter (MedSAM's box noise) and,
 with probability ``whole_image_prob``, gives a class the whole image as its box instead, so
-that the network also learns the first pass of box-free inference (``box_inference``): find
+that the network also learns the first pass of box-free inference (``inference.two_pass``): find
 the class anywhere, told only by its class token. Validation and test take the tight
 ground-truth boxes (the stand-in for a user's boxes) or no boxes at all (box-free).
 
 The modality of a sample is its case's, looked up by the sample's ``volume`` (the image
-path as dataset.json writes it; ``data.modalities.case_modalities``).
+path as dataset.json writes it; ``data.decathlon.case_modalities``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..data.modalities import MODALITIES, case_modalities
-from .label_prompts import PromptsFromLabels
+from medsaga_components.data.decathlon import case_modalities
+from medsaga_components.modalities import MODALITIES
+from medsaga_components.prompts.from_labels import PromptsFromLabels
 
 BOX_SOURCES = ("labels", "none")
 
@@ -37,14 +38,14 @@ class McpPrepareBatch:
         dataset_json: the dataset the samples come from (gives each case's modality).
         modalities: the network's modality vocabulary (``McpPrompt.modalities``).
         boxes: ``"labels"``: from the ground truth; ``"none"``: modality only (box-free
-            inference finds the boxes, ``box_inference.TwoPassInferer``).
+            inference finds the boxes, ``inference.two_pass.TwoPassInferer``).
         jitter: box-edge noise as a fraction of the box's side (training; needs ``seed``).
         whole_image_prob: per image and class, the chance of the whole-image box instead
             (training; needs ``seed``).
         seed: None for the deterministic tight boxes (validation, test); an int for the
             seeded random jitter and whole-image boxes of training.
         per_structure: a box per structure of a class (``[B, N, K, 4]``, see
-            ``label_prompts.boxes_from_labels``), as a user boxes the left and the right
+            ``prompts.from_labels.boxes_from_labels``), as a user boxes the left and the right
             structure of a class that merges both; a whole-image box replaces all of them.
     """
 

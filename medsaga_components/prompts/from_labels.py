@@ -26,10 +26,12 @@ import torch
 from scipy.ndimage import distance_transform_edt
 from scipy.ndimage import label as connected_pieces
 
-from ..config_values import as_bool
+from medsaga_components.config_values import as_bool
+from medsaga_components.prompts import PROMPT_KINDS
 
-PROMPT_FROM_LABEL_KINDS = ("points", "class_points", "boxes", "mcp")  # mcp: MCP-MedSAM's boxes (prompts_mcp.py)
-POINT_KINDS = ("points", "class_points")  # class_points: points plus class tokens (prompts.ClassPointPrompt)
+# The kinds a label can stand in for: those a user gives boxes or points (``PromptKind.user_input``).
+PROMPT_FROM_LABEL_KINDS = tuple(name for name, kind in PROMPT_KINDS.items() if kind.user_input)
+POINT_KINDS = tuple(name for name, kind in PROMPT_KINDS.items() if kind.user_input == "points")
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -193,7 +195,7 @@ def prompts_from_labels(labels: torch.Tensor, num_classes: int, kind: str = "poi
     if kind in POINT_KINDS:
         points, point_labels = points_from_labels(labels, num_classes, points_per_class, generator)
         prompts = {"points": points, "point_labels": point_labels, "present": (point_labels == 1).any(dim=-1)}
-    elif kind in ("boxes", "mcp"):
+    elif kind in PROMPT_FROM_LABEL_KINDS:
         boxes, present = boxes_from_labels(labels, num_classes, jitter, generator, per_structure)
         prompts = {"boxes": boxes, "present": present}
     else:
@@ -259,21 +261,3 @@ class PromptsFromLabels:
         return (f"PromptsFromLabels(kind={self.kind!r}, num_classes={self.num_classes}, jitter={self.jitter}, "
                 f"points_per_class={self.points_per_class}, seed={self.seed})")
 
-
-def unwrapped(network):
-    """The network itself, also when DistributedDataParallel keeps it in ``.module``."""
-    return getattr(network, "module", network)
-
-
-def check_prompted_slice(network, image: torch.Tensor, class_names=None):
-    """What segmenting one slice from a user's prompts needs: ``(network, class names, [C, H, W] image)``;
-    class names default to ``"1".."N"``; a wrong count of names or a slice not ``[H, W]``/``[C, H, W]`` is refused."""
-    module = unwrapped(network)
-    names = list(class_names) if class_names is not None else [str(i + 1) for i in range(module.num_classes)]
-    if len(names) != module.num_classes:
-        raise ValueError(f"{len(names)} class names for a network of {module.num_classes} classes")
-    if image.ndim == 2:
-        image = image[None]
-    if image.ndim != 3:
-        raise ValueError(f"expected a slice [H, W] or [C, H, W], got {tuple(image.shape)}")
-    return module, names, image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.decathlon import parse_modality
+from medsaga_components.data.decathlon import parse_modality
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 

@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._segment_anything import ImageEncoderViT
-from ..backbones.tiny_vit import MBConv, TinyViTEncoder
-from ..config_values import as_bool
-from ..optimizers.layerwise import LayerwiseOptimizer
+from medsaga_components._segment_anything import ImageEncoderViT
+from medsaga_components.backbones.tiny_vit import MBConv, TinyViTEncoder
+from medsaga_components.config_values import as_bool
+from medsaga_components.optimizers.layerwise import LayerwiseOptimizer
 
 logger = logging.getLogger(__name__)
 

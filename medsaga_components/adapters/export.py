@@ -8,20 +8,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.atomic import atomic_path
+from medsaga_components.adapters.base import merge_adapters
+from medsaga_components.io.atomic import atomic_path
 
 
-def merge_adapters(network: nn.Module) -> nn.Module:
-    """A copy of ``network`` with every adapter (LoRA, SVD) folded into plain layers; ``network``
-    itself keeps training."""
-    from .. import adapters
-
-    return adapters.merge_adapters(copy.deepcopy(network))
+def merged_copy(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` with every adapter (LoRA, SVD) folded into plain layers
+    (``merge_adapters`` on a deep copy); ``network`` itself keeps training."""
+    return merge_adapters(copy.deepcopy(network))
 
 
 def plain_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of the merged network: detached, contiguous CPU tensors only."""
-    merged = merge_adapters(network)
+    merged = merged_copy(network)
     return {k: v.detach().cpu().contiguous().clone() for k, v in merged.state_dict().items()}
 
 
