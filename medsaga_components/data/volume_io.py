@@ -145,18 +145,23 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
     return _as_3d(img.shape, path), np.asarray(img.affine, dtype=np.float64)
 
 
+def _open_volume(path: Path):
+    """The NIfTI image at ``path`` (header read, voxels not yet), or None for a PNG; an unknown
+    format is an error naming the file."""
+    _check_format(path)
+    return None if is_png(path) else _load_nifti(path)
+
+
 def read_image(path: str | Path, nonfinite_fill: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Image -> (float32 array [X, Y, Z] in the file's own units, affine [4, 4]).
 
     NaN/inf voxels raise ``NonFiniteVoxelsError`` unless ``nonfinite_fill`` gives their value.
     """
     path = Path(path)
-    _check_format(path)
-    if is_png(path):
+    img = _open_volume(path)
+    if img is None:
         return _png_array(path, for_label=False).astype(np.float32)[:, :, None], np.eye(4)
-    img = _load_nifti(path)
-    shape = _as_3d(img.shape, path)
-    data = _nifti_voxels(img, path, as_float=True).reshape(shape)
+    data = _nifti_voxels(img, path, as_float=True).reshape(_as_3d(img.shape, path))
     if not data.flags.writeable:
         data = data.copy()
     return replace_nonfinite(data, path, nonfinite_fill), np.asarray(img.affine, dtype=np.float64)
@@ -169,12 +174,10 @@ def read_label(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     fractional label (a resampled mask, a probability map) has no class.
     """
     path = Path(path)
-    _check_format(path)
-    if is_png(path):
+    img = _open_volume(path)
+    if img is None:
         return _png_array(path, for_label=True).astype(np.int64)[:, :, None], np.eye(4)
-    img = _load_nifti(path)
-    shape = _as_3d(img.shape, path)
-    raw = _nifti_voxels(img, path, as_float=False).reshape(shape)
+    raw = _nifti_voxels(img, path, as_float=False).reshape(_as_3d(img.shape, path))
     if not np.issubdtype(raw.dtype, np.integer):
         if not np.all(np.isfinite(raw)):
             count = int(raw.size - np.count_nonzero(np.isfinite(raw)))

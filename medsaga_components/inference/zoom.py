@@ -45,28 +45,48 @@ def zoomed_logits(network: Callable[[torch.Tensor], torch.Tensor], image: torch.
     return F.interpolate(torch.as_tensor(logits), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
 
 
-class ZoomedSlidingWindow(nn.Module):
+class _PromptFreeReading(nn.Module):
+    """A network read another way than whole-slice at once; prompts given in the whole slice's
+    pixels would not match what it reads, so extra arguments are refused."""
+
+    refusal = "this reading is prompt-free"
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:
+            raise ValueError(self.refusal)
+        if image.ndim != 4:
+            raise ValueError(f"expected image [B, C, S, S], got {tuple(image.shape)}")
+        return self.read(image)
+
+    def read(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ZoomedSlidingWindow(_PromptFreeReading):
     """``network`` read at ``zoom`` times the scale: ``[B, C, S, S] -> [B, N + 1, S, S]``.
 
     Prompts are given in the pixels of the whole slice and would not match the windows, so
     extra arguments are refused (zoomed inference is for prompt-free networks).
     """
 
+    refusal = "zoomed inference is prompt-free: the prompts' pixels would not match its windows"
+
     def __init__(self, network: nn.Module, zoom: float, overlap: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(network)
         if zoom <= 1:
             raise ValueError(f"zoom must be > 1 for a zoomed sliding window, got {zoom!r}")
-        self.network = network
         self.zoom = float(zoom)
         self.overlap = float(overlap)
 
-    def forward(self, image: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs:
-            raise ValueError("zoomed inference is prompt-free: the prompts' pixels would not match its windows")
+    def read(self, image: torch.Tensor) -> torch.Tensor:
         return zoomed_logits(self.network, image, self.zoom, self.overlap)
 
 
-class StructureCropTwoPass(nn.Module):
+class StructureCropTwoPass(_PromptFreeReading):
     """``network`` in two passes: ``[B, C, S, S] -> [B, N + 1, S, S]``.
 
     The first pass reads the whole slice; the square around every pixel it assigns to a class
@@ -76,17 +96,14 @@ class StructureCropTwoPass(nn.Module):
     the one trained with ``StructureCropd``, which shows it both whole slices and such squares.
     """
 
+    refusal = "zoom 'structures' is prompt-free: the prompts' pixels would not match the crop"
+
     def __init__(self, network: nn.Module, margin: float = 0.3, min_side_fraction: float = 0.25) -> None:
-        super().__init__()
-        self.network = network
+        super().__init__(network)
         self.margin = float(margin)
         self.min_side_fraction = float(min_side_fraction)
 
-    def forward(self, image: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs:
-            raise ValueError("zoom 'structures' is prompt-free: the prompts' pixels would not match the crop")
-        if image.ndim != 4:
-            raise ValueError(f"expected image [B, C, S, S], got {tuple(image.shape)}")
+    def read(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.network(image)
         size = image.shape[-1]
         squares = [square_around(found > 0, self.margin, self.min_side_fraction * size)
