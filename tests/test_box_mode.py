@@ -38,15 +38,15 @@ def test_boxes_json_switches_prompts_batches_and_test_evaluation(bundle, demo_di
         assert parser.get(key).replace("::", "#") == "@" + key.split("#")[0] + "#prepare_batch", key
     # The fragment changes the test evaluation by name: the handler list and the other handlers stay.
     assert parser.get("train#handlers") == plain.get("train#handlers")
-    test_evaluation = parser.get_parsed_content("train#handler#test_evaluation")
-    assert test_evaluation.boxes == "ground_truth" and plain.get_parsed_content("train#handler#test_evaluation").boxes is None
+    test_evaluation = parser.get_parsed_content("test_evaluation")
+    assert test_evaluation.boxes == "ground_truth" and plain.get_parsed_content("test_evaluation").boxes is None
     # One switch gives every box a structure: training, validation and test.
     assert not train_batches.from_labels.per_structure
     parser.update({"box_per_structure": "true"})
     parser.parse()
     for key in ("train#prepare_batch", "validate#prepare_batch"):
         assert parser.get_parsed_content(key).from_labels.per_structure, key
-    assert parser.get_parsed_content("train#handler#test_evaluation").per_structure
+    assert parser.get_parsed_content("test_evaluation").per_structure
 
 
 @pytest.fixture(scope="module")

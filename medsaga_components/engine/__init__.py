@@ -15,7 +15,7 @@ from medsaga_components.prompts.box_batches import McpPrepareBatch
 from medsaga_components.prompts.from_labels import PromptsFromLabels
 from medsaga_components.training.cpu_allocator import keep_freed_cpu_memory
 from medsaga_components.training.experiment import FewShotExperiment, experiment_dataset
-from medsaga_components.training.handlers import SaveBestPlainModel
+from medsaga_components.training.handlers import SaveBestPlainModel, handlers_for_this_process
 from medsaga_components.training.memory import enable_memory_efficient_training
 from medsaga_components.training.setup import prepare_training
 from medsaga_components.training.stopping import TrainUntilPlateau
@@ -25,6 +25,6 @@ __all__ = [
     "ScaleIntensityForModalityd", "SquareSliceInferer", "TrainUntilPlateau", "TwoPassBoxSegmenter", "TwoPassInferer",
     "TwoPassPointSegmenter", "ZoomInferer", "check_model_file", "dataset_modality",
     "enable_memory_efficient_training", "evaluation_points",
-    "experiment_dataset", "find_bundle_root", "keep_freed_cpu_memory", "list_volumes",
+    "experiment_dataset", "handlers_for_this_process", "find_bundle_root", "keep_freed_cpu_memory", "list_volumes",
     "prepare_training", "register_atomic_nifti_writer",
 ]

@@ -166,13 +166,15 @@ class TwoPassSegmenter(SamSegmenter):
         self.modality = modality
         self.first_pass = first_pass_for(prompt, per_structure, points_per_class)
 
-    def forward(self, image: torch.Tensor, prompts: Mapping[str, Any] | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, prompts: Mapping[str, Any] | None = None,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
         if self.modality is not None and (prompts is None or "modality" not in prompts):
             prompts = {**(prompts or {}), "modality": self.modality}
         if prompts is not None and prompts.get(self.first_pass.user_input) is not None:
-            return super().forward(image, prompts)
+            return super().forward(image, prompts, embeddings=embeddings)
+        embed = (lambda x: image_embeddings(self, x)) if embeddings is None else (lambda x: embeddings)
         return two_pass_logits(super().forward, image, self.num_classes, self.image_size, self.first_pass, prompts,
-                               embed=lambda x: image_embeddings(self, x))
+                               embed=embed)
 
 
 class TwoPassBoxSegmenter(TwoPassSegmenter):

@@ -34,3 +34,18 @@ class SaveBestPlainModel:
             logger.info("saved %s (validation %s %.4f at epoch %d)", self.path, evaluator.state.key_metric_name
                         if hasattr(evaluator.state, "key_metric_name") else "key metric",
                         evaluator.state.best_metric, evaluator.state.epoch)
+
+
+def handlers_for_this_process(handlers: list) -> list:
+    """``handlers`` on the main process of a ``torchrun`` job (rank 0, or no job); on the other
+    processes only those that steer training and must run in step everywhere: the learning-rate
+    schedule, validation (its metric is reduced across processes) and stopping. Logging, the
+    progress bar, saving the best model and the test evaluation run once, on rank 0."""
+    import torch.distributed as dist
+    from monai.handlers import LrScheduleHandler, ValidationHandler
+
+    from medsaga_components.training.stopping import TrainUntilPlateau
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        return list(handlers)
+    return [h for h in handlers if isinstance(h, (LrScheduleHandler, ValidationHandler, TrainUntilPlateau))]

@@ -1,0 +1,240 @@
+"""Whole volumes from the prompts a user really gives, by propagation (``inference/propagation.py``):
+
+* one 3-D box per structure: the middle slice from the box, then each next slice from the box
+  of the previous slice's prediction, clamped to the 3-D box, until the structure ends;
+* a few labelled slices: each structure propagated from them, between two of them from both
+  ends; the labelled slices come back exactly as drawn;
+* a click: the structure under the click on its slice (asked with the whole slice as its box),
+  then propagated as from a labelled slice.
+
+A box-prompted network (medsaga and samed in box mode, mcp_medsam, zero-shot LiteMedSAM) does
+the 2-D work. Each slice's image embedding is computed once (:class:`SliceEmbeddings`) and reused
+for every class, structure and direction, so a request costs one encoder pass per slice the
+prompts reach plus one decoder pass per prompted (slice, structure).
+
+Volumes are ``[C, X, Y, Z]`` tensors already preprocessed (the bundle's ``preprocessing``);
+prompts are voxel indices ``[i, j, k]`` of that array; slices are taken along ``axis``, and a
+slice's box is ``(x0, y0, x1, y1)`` with x the column (the second in-plane axis) and y the row.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
+from medsaga_components.inference.propagation import Box, StopRule, propagate_from_box, propagate_labelled
+from medsaga_components.inference.prompted import in_plane_axes, prompt_tensors
+from medsaga_components.inference.two_pass import unwrapped
+
+# Chosen on the small-structure demo (docs/prompted_volumes.md): the previous slice's box grown by
+# this share of its side on each side, and propagation beyond the seeds stops where the prediction vanishes.
+DEFAULT_MARGIN = 0.1
+DEFAULT_STOP = StopRule(min_pixels=1)
+
+
+class SliceEmbeddings:
+    """The slices of one volume as the network sees them, each encoded at most once.
+
+    Args:
+        network: a box-prompted ``SamSegmenter`` in eval mode.
+        volume: ``[C, X, Y, Z]`` intensities, preprocessed.
+        axis: the spatial axis slices are taken along (0, 1 or 2).
+        modality: for MCP prompts (None: the network's default).
+    """
+
+    def __init__(self, network: nn.Module, volume: torch.Tensor, axis: int, modality: str | None = None) -> None:
+        if volume.ndim != 4:
+            raise ValueError(f"expected a volume [C, X, Y, Z], got {tuple(volume.shape)}")
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+        self.network = network
+        self.module = unwrapped(network)
+        if self.module.prompt.user_input != "boxes":
+            raise ValueError(f"propagation needs a box-prompted network; {type(self.module.prompt).__name__} takes "
+                             f"{self.module.prompt.user_input or 'no prompts'}")
+        self.volume = volume.float()
+        self.axis = axis
+        self.modality = modality
+        self.device = next(self.module.parameters()).device
+        rows, cols = in_plane_axes(axis)
+        self.depth = volume.shape[1 + axis]
+        self.shape = (volume.shape[1 + rows], volume.shape[1 + cols])
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, object]] = {}
+        self.decoder_calls = 0
+
+    @property
+    def encoded(self) -> list[int]:
+        """The slices encoded so far (each once)."""
+        return sorted(self._cache)
+
+    def _slice(self, k: int):
+        if k not in self._cache:
+            image = self.volume.select(1 + self.axis, k)  # [C, H, W]
+            square, geometry = fit_to_square(image[None], self.module.image_size)
+            square = square.to(self.device)
+            with torch.no_grad():
+                embedding = self.module.backbone.embed_images(square)
+            self._cache[k] = (square, embedding, geometry)
+        return self._cache[k]
+
+    @torch.no_grad()
+    def box_logits(self, k: int, class_index: int, box: Box) -> torch.Tensor:
+        """``[H, W]`` logits of class ``class_index`` (1..N) on slice ``k`` from one box in its pixels."""
+        square, embedding, geometry = self._slice(k)
+        framed = geometry.to_square(torch.tensor(box, dtype=torch.float32)[None])
+        prompts = prompt_tensors({class_index - 1: framed}, "boxes", self.module.num_classes, self.module.image_size)
+        prompts = {key: value.to(self.device) for key, value in prompts.items()}
+        if self.modality is not None:
+            prompts["modality"] = self.modality
+        self.decoder_calls += 1
+        logits = self.network(square, prompts, embeddings=embedding)  # [1, N + 1, S, S]
+        return square_logits_to_slice(logits[:, class_index:class_index + 1].float().cpu(), geometry)[0, 0]
+
+
+class ClassPredictor:
+    """``predict(k, box) -> bool [H, W]`` for one class, as propagation calls it; keeps the logits
+    of the last prediction of each slice so that overlapping classes can be resolved."""
+
+    def __init__(self, slices: SliceEmbeddings, class_index: int) -> None:
+        self.slices = slices
+        self.class_index = class_index
+        self.logits: dict[int, np.ndarray] = {}
+
+    def __call__(self, k: int, box: Box) -> np.ndarray:
+        logits = self.slices.box_logits(k, self.class_index, box).numpy()
+        self.logits[k] = logits
+        return logits > 0
+
+
+def _class_scores(mask: np.ndarray, predictor: ClassPredictor) -> np.ndarray:
+    """float ``[D, H, W]``: the class's logit where ``mask`` holds (+inf on slices it did not predict,
+    a user's labelled slices), ``-inf`` elsewhere."""
+    scores = np.full(mask.shape, -np.inf, dtype=np.float32)
+    for k in np.nonzero(mask.any(axis=(1, 2)))[0]:
+        scores[k][mask[k]] = predictor.logits.get(int(k), np.full(mask.shape[1:], np.inf))[mask[k]]
+    return scores
+
+
+def _labels_from_scores(scores: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 ``[D, H, W]``: each voxel the class of highest score among those that claim it, else 0."""
+    unclaimed = np.full(scores[0].shape, -np.inf, dtype=np.float32)
+    return np.stack([unclaimed, *scores]).argmax(axis=0).astype(np.uint8)  # all -inf: 0, background
+
+
+def _to_slices_first(array: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(array, axis, 0)
+
+
+def _from_slices_first(array: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(array, 0, axis)
+
+
+def check_boxes_3d(boxes: Mapping[int, Sequence[Sequence[float]]], spatial_shape: Sequence[int],
+                   class_names: Sequence[str]) -> None:
+    """Refuse a 3-D box that is not ``[i0, j0, k0, i1, j1, k1]``, leaves the volume or is reversed,
+    naming the structure (class and box number) and what was expected."""
+    for class_index, class_boxes in boxes.items():
+        if not 1 <= class_index <= len(class_names):
+            raise ValueError(f"boxes for class {class_index}; expected 1..{len(class_names)} ({list(class_names)})")
+        for n, box in enumerate(class_boxes):
+            name = f"box {n + 1} of {class_names[class_index - 1]!r}"
+            if len(box) != 6:
+                raise ValueError(f"{name} is {list(box)}; expected [i0, j0, k0, i1, j1, k1] voxel indices")
+            low, high = box[:3], box[3:]
+            for axis, (lo, hi, size) in enumerate(zip(low, high, spatial_shape)):
+                if not 0 <= lo <= hi <= size - 1:
+                    raise ValueError(f"{name} {list(box)} spans {lo}..{hi} along axis {axis}; expected "
+                                     f"0 <= low <= high <= {size - 1} (the volume is {tuple(spatial_shape)})")
+
+
+@torch.no_grad()
+def segment_volume_from_boxes(network: nn.Module, volume: torch.Tensor, axis: int,
+                              boxes: Mapping[int, Sequence[Sequence[float]]], class_names: Sequence[str] | None = None,
+                              modality: str | None = None, margin: float = DEFAULT_MARGIN,
+                              stop: StopRule = DEFAULT_STOP, slices: SliceEmbeddings | None = None) -> np.ndarray:
+    """uint8 ``[X, Y, Z]`` label map from one 3-D box per structure.
+
+    ``boxes``: ``{class index 1..N: [[i0, j0, k0, i1, j1, k1], ...]}`` (inclusive voxel corners, one
+    box per structure). No voxel outside a structure's box is ever labelled with its class.
+    ``slices``: reuse the embeddings of an earlier request on the same volume."""
+    slices = slices or SliceEmbeddings(network, volume, axis, modality)
+    names = list(class_names) if class_names is not None else [str(c + 1) for c in range(slices.module.num_classes)]
+    check_boxes_3d(boxes, volume.shape[1:], names)
+    rows, cols = in_plane_axes(axis)
+    scores = []
+    for class_index in range(1, slices.module.num_classes + 1):
+        predictor = ClassPredictor(slices, class_index)
+        mask = np.zeros((slices.depth, *slices.shape), dtype=bool)
+        for box in boxes.get(class_index, ()):
+            box2d = (float(box[cols]), float(box[rows]), float(box[3 + cols]), float(box[3 + rows]))
+            mask |= propagate_from_box(predictor, slices.depth, slices.shape, box2d, int(round(box[axis])),
+                                       int(round(box[3 + axis])), margin=margin, stop=stop)
+        scores.append(_class_scores(mask, predictor))
+    return _from_slices_first(_labels_from_scores(scores), axis)
+
+
+@torch.no_grad()
+def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor, axis: int, label: np.ndarray,
+                                        labelled: Sequence[int] | None = None, modality: str | None = None,
+                                        margin: float = DEFAULT_MARGIN, stop: StopRule = DEFAULT_STOP,
+                                        num_classes: int | None = None,
+                                        slices: SliceEmbeddings | None = None) -> np.ndarray:
+    """uint8 ``[X, Y, Z]`` label map completed from a user's labelled slices.
+
+    ``label``: ``[X, Y, Z]`` class indices 0..N, meaningful on the labelled slices only;
+    ``labelled``: their indices along ``axis`` (None: every slice with a labelled voxel). Every
+    structure of every class is propagated from them (``propagate_labelled``); a labelled slice
+    where a class is absent stops that class's propagation there. The labelled slices come back
+    exactly as given."""
+    slices = slices or SliceEmbeddings(network, volume, axis, modality)
+    label = np.asarray(label)
+    if label.shape != tuple(volume.shape[1:]):
+        raise ValueError(f"the labelled volume is {label.shape}; expected the image's {tuple(volume.shape[1:])}")
+    n = slices.module.num_classes if num_classes is None else num_classes
+    undeclared = sorted(set(np.unique(label).tolist()) - set(range(n + 1)))
+    if undeclared:
+        raise ValueError(f"the labelled slices hold values {undeclared}; expected class indices 0..{n}")
+    by_slice = _to_slices_first(label, axis)
+    if labelled is None:
+        labelled = [int(k) for k in np.nonzero(by_slice.any(axis=(1, 2)))[0]]
+    if not labelled:
+        raise ValueError("no labelled slice: label at least one slice of the structures to segment")
+    for k in labelled:
+        if not 0 <= k < slices.depth:
+            raise ValueError(f"labelled slice {k} is outside the volume (0..{slices.depth - 1} along axis {axis})")
+    scores = []
+    for class_index in range(1, n + 1):
+        predictor = ClassPredictor(slices, class_index)
+        drawn = {int(k): by_slice[k] == class_index for k in labelled}
+        if not any(mask.any() for mask in drawn.values()):
+            scores.append(np.full(by_slice.shape, -np.inf, dtype=np.float32))
+            continue
+        mask = propagate_labelled(predictor, slices.depth, slices.shape, drawn, margin=margin, stop=stop)
+        scores.append(_class_scores(mask, predictor))
+    labels = _labels_from_scores(scores)
+    labels[list(labelled)] = by_slice[list(labelled)]  # the user's slices as drawn
+    return _from_slices_first(labels, axis)
+
+
+def box_around_structure(mask: np.ndarray, jitter: float = 0.0, rng: np.random.Generator | None = None) -> list[float]:
+    """``[i0, j0, k0, i1, j1, k1]`` around a bool ``[X, Y, Z]`` structure, each side moved by up to
+    ``jitter`` times the box's extent along that axis (a user's drag), clamped to the volume."""
+    where = np.nonzero(mask)
+    low = np.array([w.min() for w in where], dtype=float)
+    high = np.array([w.max() for w in where], dtype=float)
+    if jitter:
+        rng = rng or np.random.default_rng(0)
+        extent = high - low + 1
+        low = low + rng.uniform(-jitter, jitter, 3) * extent
+        high = high + rng.uniform(-jitter, jitter, 3) * extent
+    last = np.array(mask.shape, dtype=float) - 1
+    low, high = np.clip(np.round(low), 0, last), np.clip(np.round(high), 0, last)
+    return [*np.minimum(low, high).tolist(), *np.maximum(low, high).tolist()]
+
+
+__all__ = ["SliceEmbeddings", "ClassPredictor", "segment_volume_from_boxes", "segment_volume_from_labelled_slices",
+           "box_around_structure", "check_boxes_3d", "DEFAULT_MARGIN", "DEFAULT_STOP"]

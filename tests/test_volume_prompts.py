@@ -1,0 +1,101 @@
+"""Whole volumes from a user's prompts (``inference/volume.py``) with a real box-prompted network:
+a tiny random LiteMedSAM whose read-out answers every box with "inside" (so propagation runs to
+the box's ends), and counting of encoder passes."""
+
+import numpy as np
+import pytest
+import torch
+
+from medsaga_components import SamSegmenter
+from medsaga_components.inference.volume import (
+    SliceEmbeddings,
+    box_around_structure,
+    segment_volume_from_boxes,
+    segment_volume_from_labelled_slices,
+)
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def network():
+    """Box-prompted, every class answering "foreground" everywhere: only the prompts and the
+    clamping to the user's box decide where a class ends up."""
+    torch.manual_seed(0)
+    net = SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=SIZE, prompt="boxes").eval()
+    with torch.no_grad():
+        for mlp in net.backbone.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.zero_()
+            mlp.layers[-1].bias.fill_(1.0)
+    return net
+
+
+def volume(shape=(40, 30, 12)):
+    torch.manual_seed(1)
+    return torch.rand(1, *shape)
+
+
+def test_a_3d_box_never_yields_a_voxel_outside_it_and_encodes_each_slice_once(network):
+    image = volume()
+    box = [5, 4, 3, 20, 18, 8]
+    slices = SliceEmbeddings(network, image, axis=2)
+    labels = segment_volume_from_boxes(network, image, 2, {1: [box]}, slices=slices)
+    assert labels.shape == (40, 30, 12) and labels.dtype == np.uint8
+    inside = np.zeros(labels.shape, bool)
+    inside[5:21, 4:19, 3:9] = True
+    assert (labels[~inside] == 0).all(), "a voxel outside the user's box"
+    assert (labels[inside] == 1).any() and not (labels == 2).any()
+    # the prompts reached slices 3..8: each encoded exactly once, whatever the decoder calls
+    assert slices.encoded == list(range(3, 9)) and slices.decoder_calls >= 6
+    again = segment_volume_from_boxes(network, image, 2, {1: [box]}, slices=slices)
+    assert slices.encoded == list(range(3, 9)) and np.array_equal(again, labels)
+
+
+def test_boxes_along_another_axis_and_two_structures_of_a_class(network):
+    image = volume((12, 40, 30))
+    boxes = {2: [[2, 5, 4, 6, 15, 12], [3, 25, 14, 9, 35, 26]]}
+    labels = segment_volume_from_boxes(network, image, 0, boxes)
+    allowed = np.zeros(labels.shape, bool)
+    allowed[2:7, 5:16, 4:13] = allowed[3:10, 25:36, 14:27] = True
+    assert (labels[~allowed] == 0).all() and (labels[allowed] == 2).any()
+    assert (labels[3:10, 25:36, 14:27] == 2).any(), "the second structure is segmented too"
+
+
+def test_labelled_slices_come_back_exactly_as_drawn(network):
+    image = volume()
+    label = np.zeros((40, 30, 12), np.int64)
+    label[10:20, 5:15, 4] = 1
+    label[12:14, 20:28, 4] = 2
+    label[8:18, 6:12, 9] = 1  # slice 9: class 2 absent there (labelled empty)
+    out = segment_volume_from_labelled_slices(network, torch.as_tensor(image), 2, label)
+    assert np.array_equal(out[..., 4], label[..., 4]) and np.array_equal(out[..., 9], label[..., 9])
+    assert (out[..., 5:9] == 1).any(), "class 1 propagates between its labelled slices"
+    assert not (out[..., 9:] == 2).any(), "class 2 does not cross the slice labelled without it"
+
+
+def test_bad_prompts_are_errors_naming_the_structure_and_slice(network):
+    image = volume()
+    with pytest.raises(ValueError, match=r"box 1 of 'pallidum' .* along axis 0; expected 0 <= low <= high <= 39"):
+        segment_volume_from_boxes(network, image, 2, {1: [[5, 4, 3, 45, 18, 8]]}, class_names=["pallidum", "insula"])
+    with pytest.raises(ValueError, match=r"box 1 of '2' is \[1, 2, 3\]; expected \[i0, j0, k0, i1, j1, k1\]"):
+        segment_volume_from_boxes(network, image, 2, {2: [[1, 2, 3]]})
+    with pytest.raises(ValueError, match=r"boxes for class 3; expected 1..2"):
+        segment_volume_from_boxes(network, image, 2, {3: [[1, 2, 3, 4, 5, 6]]})
+    with pytest.raises(ValueError, match=r"labelled volume is \(40, 30\); expected the image's \(40, 30, 12\)"):
+        segment_volume_from_labelled_slices(network, image, 2, np.zeros((40, 30)))
+    with pytest.raises(ValueError, match=r"values \[7\]; expected class indices 0..2"):
+        segment_volume_from_labelled_slices(network, image, 2, np.full((40, 30, 12), 7))
+    with pytest.raises(ValueError, match="no labelled slice"):
+        segment_volume_from_labelled_slices(network, image, 2, np.zeros((40, 30, 12)))
+    prompt_free = SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=SIZE).eval()
+    with pytest.raises(ValueError, match="needs a box-prompted network; NoPrompt takes no prompts"):
+        SliceEmbeddings(prompt_free, image, 2)
+
+
+def test_a_users_drag_is_the_structures_box_moved_by_at_most_the_jitter():
+    mask = np.zeros((50, 40, 30), bool)
+    mask[10:30, 5:25, 8:18] = True
+    assert box_around_structure(mask) == [10, 5, 8, 29, 24, 17]
+    for seed in range(5):
+        box = np.array(box_around_structure(mask, 0.05, np.random.default_rng(seed)))
+        assert np.all(np.abs(box - [10, 5, 8, 29, 24, 17]) <= np.array([20, 20, 10] * 2) * 0.05 + 0.5)
