@@ -120,6 +120,17 @@ def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return arrays["t1"], tissue_labels(arrays["gm"], arrays["wm"]), np.asarray(t1_image.affine, dtype=np.float64)
 
 
+def load_demo_volume(task: str = MNI152) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """A demo task's whole source volume, before it is cut into slabs: (image [X, Y, Z] as stored,
+    class labels [X, Y, Z], affine, ``{split: [(start, stop), ...]}`` slabs along axis 2). Volume
+    inference from a user's prompts (labelled slices of one slab, tested on another) needs it whole."""
+    if _check_task(task) == SMALL_STRUCTURES:
+        t1, labels, affine = demo_small_structures.load_colin27_small_structures()
+        return t1, labels, affine, demo_small_structures.SLABS
+    t1, labels, affine = _load_template()
+    return t1, labels, affine, DEMO_SLABS
+
+
 def _write_slabs(folder: Path, image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
                  slabs: dict[str, list[tuple[int, int]]], prefix: str) -> dict[str, list[dict[str, str]]]:
     """Write each split's axial slabs of ``image`` and ``labels`` ([X, Y, Z], same grid) as NIfTI pairs.

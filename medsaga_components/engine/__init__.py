@@ -4,10 +4,11 @@ inference in ``inference/``, prompts in ``prompts/``, the test evaluation in ``e
 
 from medsaga_components.bundle_config import find_bundle_root
 from medsaga_components.evaluation.test_volumes import EvaluateOnTestVolumes, evaluation_points
-from medsaga_components.inference.model import check_model_file
+from medsaga_components.inference.model import check_model_file, served_labels
 from medsaga_components.inference.preprocessing import ScaleIntensityForModalityd
 from medsaga_components.inference.slices import SquareSliceInferer
 from medsaga_components.inference.two_pass import TwoPassBoxSegmenter, TwoPassInferer, TwoPassPointSegmenter
+from medsaga_components.inference.volume import VolumePrompts
 from medsaga_components.inference.volumes import dataset_modality, list_volumes
 from medsaga_components.inference.writer import register_atomic_nifti_writer
 from medsaga_components.inference.zoom import ZoomInferer
@@ -26,5 +27,5 @@ __all__ = [
     "TwoPassPointSegmenter", "ZoomInferer", "check_model_file", "dataset_modality",
     "enable_memory_efficient_training", "evaluation_points",
     "experiment_dataset", "handlers_for_this_process", "find_bundle_root", "keep_freed_cpu_memory", "list_volumes",
-    "prepare_training", "register_atomic_nifti_writer",
+    "prepare_training", "register_atomic_nifti_writer", "served_labels", "VolumePrompts",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from torch import nn
 
@@ -54,15 +55,21 @@ def model_info_path(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
-def write_model_info(network: nn.Module, model_path: str | Path) -> Path:
+def write_model_info(network: nn.Module, model_path: str | Path, class_names: Sequence[str] | None = None) -> Path:
     """Record beside the weights what serving them needs and the weights do not say plainly:
-    the prompt kind (``PROMPT_KINDS`` name), the number of classes and the input side."""
+    the prompt kind (``PROMPT_KINDS`` name), the number of classes, the input side and, when
+    given, the foreground class names (class values 1..N)."""
     from medsaga_components.io.atomic import write_json_atomic
     from medsaga_components.prompts import kind_name
 
     module = getattr(network, "module", network)
     info = {"prompt_kind": kind_name(module.prompt), "num_classes": int(module.num_classes),
             "image_size": int(module.image_size)}
+    if class_names is not None:
+        names = [str(n) for n in class_names]
+        if len(names) != info["num_classes"]:
+            raise ValueError(f"{len(names)} class names {names} for a network of {info['num_classes']} classes")
+        info["class_names"] = names
     path = model_info_path(model_path)
     write_json_atomic(path, info)
     return path
@@ -79,3 +86,23 @@ def read_model_info(model_path: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def served_labels(model_path: str | Path, metadata: Mapping | str | Path) -> dict[str, int]:
+    """``{class name: value}`` of the foreground classes a served model segments: the names
+    training recorded in ``model.json``, else ``channel_def`` of the bundle's metadata (the
+    ``metadata.json`` dict, as a bundle config's ``@_meta_``, or its path)."""
+    import json
+
+    names = read_model_info(model_path).get("class_names")
+    if names:
+        return {str(name): value for value, name in enumerate(names, start=1)}
+    where = metadata if not isinstance(metadata, Mapping) else "the bundle's metadata"
+    try:
+        meta = metadata if isinstance(metadata, Mapping) else json.loads(Path(metadata).read_text())
+        outputs = meta["network_data_format"]["outputs"]
+        channel_def = next(iter(outputs.values()))["channel_def"]
+    except (OSError, KeyError, StopIteration, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: no network_data_format outputs channel_def names the classes, and "
+                         f"{model_info_path(model_path)} records none ({exc!r})") from exc
+    return {str(name): int(value) for value, name in channel_def.items() if int(value) > 0}

@@ -1,9 +1,10 @@
 """Volume inference with a 2-D SAM network, the way it was trained: slice by slice, each
-slice fitted into the ``S x S`` square (longest side scaled, bottom/right zero-padded)."""
+slice fitted into the ``S x S`` square (longest side scaled, bottom/right zero-padded); with a
+user's request for the volume (``--prompts``), by propagation from it (``inference.volume``)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from monai.data import MetaTensor
@@ -33,10 +34,16 @@ class SquareSliceInferer(Inferer):
         zoom: > 1 reads each slice at that scale with a sliding window (``ZoomedSlidingWindow``),
             ``"structures"`` in two passes (``StructureCropTwoPass``); for networks trained
             with the same ``zoom``.
+        labels: ``{class name: value}`` of the model (``inference.model.served_labels``), for
+            requests that name classes.
+
+    Called with ``prompts=`` (a request, ``inference.volume.parse_request``), a volume is segmented
+    from it by propagation and the result comes back as one-hot class scores (the same argmax).
     """
 
     def __init__(self, image_size: int = 256, axis: int = 2, batch_size: int = 8,
-                 test_time_flips: bool = False, zoom: float | str = 1.0) -> None:
+                 test_time_flips: bool = False, zoom: float | str = 1.0,
+                 labels: Mapping[str, int] | None = None) -> None:
         super().__init__()
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
@@ -45,10 +52,14 @@ class SquareSliceInferer(Inferer):
         self.batch_size = batch_size
         self.test_time_flips = as_bool(test_time_flips, "test_time_flips")
         self.zoom = zoom_setting(zoom)  # an invalid zoom fails here, not at the first volume
+        self.labels = dict(labels) if labels is not None else None
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
+                 prompts: Mapping | None = None, **kwargs: Any) -> torch.Tensor:
         if inputs.ndim != 5:
             raise ValueError(f"expected a volume [B, C, X, Y, Z], got {tuple(inputs.shape)}")
+        if prompts is not None:
+            return self._from_request(inputs, network, prompts)
         dim = 2 + self.axis
         network = with_test_time_flips(with_zoom(network, self.zoom), self.test_time_flips)
         # Work on plain tensors; the volume's metadata (affine, file name) is put back at the end.
@@ -62,3 +73,16 @@ class SquareSliceInferer(Inferer):
             outputs.append(square_logits_to_slice(network(squares, *args, **kwargs), geometry))
         logits = torch.cat(outputs).reshape(b, depth, -1, h, w).movedim(1, dim)  # [B, N+1, X, Y, Z]
         return convert_to_dst_type(logits, inputs)[0] if isinstance(inputs, MetaTensor) else logits
+
+    def _from_request(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], request: Mapping) -> torch.Tensor:
+        from medsaga_components.inference.volume import segment_volume_from_request
+
+        if inputs.shape[0] != 1:
+            raise ValueError(f"a request segments one volume at a time, got a batch of {inputs.shape[0]}")
+        if self.labels is None:
+            raise ValueError("SquareSliceInferer(labels=...) is needed to read a request's class names")
+        volume = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        labels = segment_volume_from_request(network, volume[0], self.axis, request, self.labels)
+        scores = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), len(self.labels) + 1)
+        scores = scores.movedim(-1, 0)[None].to(dtype=torch.float32, device=volume.device)  # [1, N + 1, X, Y, Z]
+        return convert_to_dst_type(scores, inputs)[0] if isinstance(inputs, MetaTensor) else scores

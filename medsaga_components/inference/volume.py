@@ -23,10 +23,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
-from medsaga_components.inference.propagation import Box, StopRule, propagate_from_box, propagate_labelled
+from medsaga_components.inference.propagation import (
+    Box,
+    StopRule,
+    propagate_from_box,
+    propagate_labelled,
+    propagate_structure,
+)
 from medsaga_components.inference.prompted import in_plane_axes, prompt_tensors
 from medsaga_components.inference.two_pass import unwrapped
 
@@ -220,6 +227,49 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
     return _from_slices_first(labels, axis)
 
 
+def structure_under_click(mask: np.ndarray, row: int, col: int) -> np.ndarray:
+    """The 8-connected piece of bool ``[H, W]`` ``mask`` under the click, else the piece nearest to it
+    (a click on a structure's edge that the prediction just misses); all False for an empty mask."""
+    pieces, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count == 0:
+        return np.zeros_like(mask)
+    if pieces[row, col]:
+        return pieces == pieces[row, col]
+    rows, cols = np.nonzero(pieces)
+    nearest = np.argmin((rows - row) ** 2 + (cols - col) ** 2)
+    return pieces == pieces[rows[nearest], cols[nearest]]
+
+
+@torch.no_grad()
+def segment_volume_from_clicks(network: nn.Module, volume: torch.Tensor, axis: int,
+                               clicks: Mapping[int, Sequence[Sequence[float]]], class_names: Sequence[str] | None = None,
+                               modality: str | None = None, margin: float = DEFAULT_MARGIN,
+                               stop: StopRule = DEFAULT_STOP, slices: SliceEmbeddings | None = None) -> np.ndarray:
+    """uint8 ``[X, Y, Z]`` label map from one click per structure, ``{class index 1..N: [[i, j, k], ...]}``.
+
+    The clicked slice is asked for the class with the whole slice as its box (the first pass of
+    box-free inference, which box-mode training teaches); the piece under the click seeds the
+    structure, which then propagates both ways as from a labelled slice."""
+    slices = slices or SliceEmbeddings(network, volume, axis, modality)
+    names = list(class_names) if class_names is not None else [str(c + 1) for c in range(slices.module.num_classes)]
+    rows, cols = in_plane_axes(axis)
+    height, width = slices.shape
+    scores = []
+    for class_index in range(1, slices.module.num_classes + 1):
+        predictor = ClassPredictor(slices, class_index)
+        mask = np.zeros((slices.depth, height, width), dtype=bool)
+        for n, click in enumerate(clicks.get(class_index, ())):
+            if len(click) != 3 or any(not 0 <= v <= size - 1 for v, size in zip(click, volume.shape[1:])):
+                raise ValueError(f"click {n + 1} of {names[class_index - 1]!r} is {list(click)}; expected [i, j, k] "
+                                 f"inside the volume {tuple(volume.shape[1:])}")
+            k, row, col = (int(round(click[a])) for a in (axis, rows, cols))
+            seed = structure_under_click(predictor(k, (0.0, 0.0, width - 1.0, height - 1.0)), row, col)
+            if seed.any():
+                mask |= propagate_structure(predictor, slices.depth, slices.shape, {k: seed}, margin=margin, stop=stop)
+        scores.append(_class_scores(mask, predictor))
+    return _from_slices_first(_labels_from_scores(scores), axis)
+
+
 def box_around_structure(mask: np.ndarray, jitter: float = 0.0, rng: np.random.Generator | None = None) -> list[float]:
     """``[i0, j0, k0, i1, j1, k1]`` around a bool ``[X, Y, Z]`` structure, each side moved by up to
     ``jitter`` times the box's extent along that axis (a user's drag), clamped to the volume."""
@@ -237,4 +287,121 @@ def box_around_structure(mask: np.ndarray, jitter: float = 0.0, rng: np.random.G
 
 
 __all__ = ["SliceEmbeddings", "ClassPredictor", "segment_volume_from_boxes", "segment_volume_from_labelled_slices",
+           "segment_volume_from_clicks", "structure_under_click", "parse_request", "segment_volume_from_request",
            "box_around_structure", "check_boxes_3d", "DEFAULT_MARGIN", "DEFAULT_STOP"]
+
+
+REQUEST_KEYS = ("boxes", "label")  # besides label names (clicks)
+
+
+def parse_request(request: Mapping, labels: Mapping[str, int]) -> tuple[str, object]:
+    """A user's request for one volume, in the MONAI Label app's format, as ``(source, prompts)``:
+
+    * ``{"boxes": {label name: [[i0, j0, k0, i1, j1, k1], ...]}}``: ``("boxes", {class index: boxes})``;
+    * ``{label name: [[i, j, k], ...]}``: ``("clicks", {class index: clicks})``;
+    * ``{"label": path or [X, Y, Z] array}``: ``("label", the labelled volume)``, whose non-empty
+      slices along the axis are the user's labelled slices.
+
+    One source per request; label names (or their values) must be the model's."""
+    def class_index(key) -> int:
+        if str(key) in labels:
+            return int(labels[str(key)])
+        if str(key).isdigit() and int(key) in labels.values():
+            return int(key)
+        raise ValueError(f"prompt for unknown label {key!r}; labels are {dict(labels)}")
+
+    if not isinstance(request, Mapping):
+        raise ValueError(f"a request must be a JSON object ({{'boxes': ...}}, {{'label': ...}} or clicks by label "
+                         f"name), got {type(request).__name__}")
+    clicks = {k: v for k, v in request.items() if k not in REQUEST_KEYS and v}
+    given = [name for name, present in (("boxes", request.get("boxes")), ("label", request.get("label") is not None),
+                                        ("clicks", clicks)) if present]
+    if len(given) != 1:
+        raise ValueError(f"a request gives one prompt source: 'boxes', 'label' or clicks by label name; got "
+                         f"{given or 'none'}")
+    if given[0] == "boxes":
+        if not isinstance(request["boxes"], Mapping):
+            raise ValueError(f"'boxes' must be {{label: [[i0, j0, k0, i1, j1, k1], ...]}}, got {request['boxes']!r}")
+        return "boxes", {class_index(k): _list_of(v, 6) for k, v in request["boxes"].items()}
+    if given[0] == "label":
+        return "label", request["label"]
+    return "clicks", {class_index(k): _list_of(v, 3) for k, v in clicks.items()}
+
+
+def _list_of(value, width: int) -> list:
+    """One box or click, or a list of them, as a list."""
+    value = list(value)
+    return [value] if value and not isinstance(value[0], (list, tuple)) and len(value) == width else value
+
+
+@torch.no_grad()
+def segment_volume_from_request(network: nn.Module, volume: torch.Tensor, axis: int, request: Mapping,
+                                labels: Mapping[str, int], modality: str | None = None) -> np.ndarray:
+    """uint8 ``[X, Y, Z]`` label map from a user's request (:func:`parse_request`): the one entry
+    that ``run inference --prompts``, MONAI Label and the CLI call."""
+    source, prompts = parse_request(request, labels)
+    names = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+    if source == "boxes":
+        return segment_volume_from_boxes(network, volume, axis, prompts, names, modality)
+    if source == "clicks":
+        return segment_volume_from_clicks(network, volume, axis, prompts, names, modality)
+    if isinstance(prompts, (str, bytes)) or hasattr(prompts, "__fspath__"):
+        from medsaga_components.data.volume_io import read_label
+
+        prompts = read_label(prompts)[0]
+    return segment_volume_from_labelled_slices(network, volume, axis, np.asarray(prompts), modality=modality,
+                                               num_classes=len(labels))
+
+
+class VolumePrompts:
+    """A MONAI ``prepare_batch`` for ``run inference --prompts PATH``: each volume goes to the
+    inferer with its request, looked up by the image's file name in ``PATH`` (a JSON object
+    ``{file name: request}``); a volume without an entry is segmented without prompts.
+
+    The file is read and checked when the bundle starts: unreadable JSON, a request that is not
+    an object, a file name that matches no volume of ``datalist``, or a ``network`` whose prompt
+    kind takes no boxes is an error naming it."""
+
+    def __init__(self, path: str | None, datalist: Sequence[Mapping] | None = None,
+                 network: nn.Module | None = None) -> None:
+        self.requests: dict[str, Mapping] = {}
+        if path is None:
+            return
+        prompt = getattr(unwrapped(network), "prompt", None) if network is not None else None
+        if prompt is not None and prompt.user_input != "boxes":
+            raise ValueError(f"--prompts {path}: this bundle's model ({type(prompt).__name__}) takes "
+                             f"{prompt.user_input or 'no prompts'}; volume requests need a box-prompted model "
+                             "(mcp_medsam, or medsaga/samed trained with configs/boxes.json)")
+        import json
+        from pathlib import Path
+
+        try:
+            requests = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompts file {path} not found") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"prompts file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(requests, Mapping) or not all(isinstance(v, Mapping) for v in requests.values()):
+            raise ValueError(f"prompts file {path}: expected {{image file name: request object}}")
+        self.requests = {Path(name).name: request for name, request in requests.items()}
+        if datalist is not None:
+            known = {Path(str(item["image"])).name for item in datalist}
+            unknown = sorted(set(self.requests) - known)
+            if unknown:
+                raise ValueError(f"prompts file {path} names {unknown}, which are not among the volumes to segment "
+                                 f"({sorted(known)[:5]}{'...' if len(known) > 5 else ''})")
+
+    def request_for(self, image: torch.Tensor) -> Mapping | None:
+        from pathlib import Path
+
+        meta = getattr(image, "meta", {}) or {}
+        name = meta.get("filename_or_obj")
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        return self.requests.get(Path(str(name)).name) if name is not None else None
+
+    def __call__(self, batchdata: Mapping, device: str | torch.device | None = None, non_blocking: bool = False,
+                 **kwargs):
+        image = batchdata["image"]
+        request = self.request_for(image)
+        image = image.to(device=device, non_blocking=non_blocking, **kwargs)
+        return image, None, (), ({"prompts": request} if request is not None else {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from ignite.engine import Engine, Events
 from torch import nn
@@ -20,9 +21,10 @@ class SaveBestPlainModel:
     beside it ``model.json`` (``inference.model.write_model_info``: the prompt kind, classes
     and input side), from which MONAI Label learns how to serve it."""
 
-    def __init__(self, network: nn.Module, path: str | Path) -> None:
+    def __init__(self, network: nn.Module, path: str | Path, class_names: Sequence[str] | None = None) -> None:
         self.network = network
         self.path = Path(path)
+        self.class_names = class_names
 
     def attach(self, evaluator: Engine) -> None:
         evaluator.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -30,7 +32,7 @@ class SaveBestPlainModel:
     def __call__(self, evaluator: Engine) -> None:
         if evaluator.state.best_metric_epoch == evaluator.state.epoch:
             save_plain_model(self.network, self.path)
-            write_model_info(self.network, self.path)
+            write_model_info(self.network, self.path, self.class_names)
             logger.info("saved %s (validation %s %.4f at epoch %d)", self.path, evaluator.state.key_metric_name
                         if hasattr(evaluator.state, "key_metric_name") else "key metric",
                         evaluator.state.best_metric, evaluator.state.epoch)

@@ -40,13 +40,16 @@ class ServedBundle:
             self.input_key = next(iter(formats["inputs"]))
             self.output_key = next(iter(formats["outputs"]))
             output = formats["outputs"][self.output_key]
-            channel_def = output["channel_def"]
+            output["channel_def"]  # required: the served labels fall back on it
             self.spatial_dims = len(output["spatial_shape"])
         except (KeyError, StopIteration) as exc:
             raise ValueError(f"{self.root / 'configs' / 'metadata.json'}: network_data_format needs inputs and "
                              f"outputs, the first output with channel_def and spatial_shape ({exc!r} missing)") from exc
-        # MONAI Label's labels: {name: value} of the foreground channels.
-        self.labels = {str(name): int(value) for value, name in channel_def.items() if int(value) > 0}
+        # MONAI Label's labels: {name: value} of the foreground classes the served model segments
+        # (the names its training recorded, else channel_def).
+        from medsaga_components.inference.model import served_labels
+
+        self.labels = served_labels(self._config_parser().get_parsed_content("model_path"), self.metadata)
         self._parser = None
 
     def _model_trained_with_boxes(self) -> bool:
@@ -92,6 +95,7 @@ class ServedBundle:
         from monai.bundle import ConfigParser
 
         parser = ConfigParser(copy.deepcopy(self.inference_config))
+        parser.read_meta(copy.deepcopy(self.metadata))
         parser["bundle_root"] = str(self.root)
         for key, value in self.overrides.items():
             parser[key] = value

@@ -111,8 +111,9 @@ class PromptedBundleSegmentation(BundleSegmentation):
 
     Request parameters (voxel indices of the image array):
     points: one key per label name, ``{"grey matter": [[i, j, k], ...]}`` (each click
-    segments its slice); boxes: ``{"boxes": {"grey matter": [i0, j0, k0, i1, j1, k1]}}``
-    (every slice from k0 to k1).
+    segments its slice); boxes: ``{"boxes": {"grey matter": [[i0, j0, k0, i1, j1, k1], ...]}}``,
+    one box per structure, propagated through the volume from each box's middle slice and
+    never outside the box (the bundle's inferer with the request, ``inference.volume``).
     """
 
     def __init__(self, bundle: ServedBundle) -> None:
@@ -126,6 +127,8 @@ class PromptedBundleSegmentation(BundleSegmentation):
 
     def call_inferer(self, inputs, network, data):
         try:
+            if self.bundle.prompt_input == "boxes":
+                return self._inferer(inputs, network, prompts={"boxes": data.get("boxes") or {}})
             prompts = prompts_from_request(data, self.bundle.labels, self.bundle.prompt_input)
             return self._prompted(inputs, network, prompts)
         except ValueError as exc:

@@ -1,0 +1,293 @@
+"""What a user sees, per prompt source: whole-volume scores over a test region, side by side.
+
+The prompts are what a user gives, made from the ground truth the way a user would make them:
+
+* ``box_3d``: one 3-D box per structure (each 3-D connected piece of a class), the ground
+  truth's bounding box with each side moved by up to ``jitter`` of its extent (a user's drag);
+* ``labelled_slices``: the k labelled slices (the few-shot slices), completed to the volume;
+* ``click``: one click per structure, in the middle of its largest cross-section;
+* ``oracle_slice_boxes``: the tight ground-truth box of every structure on every test slice —
+  an upper bound no user gives, labelled "oracle" wherever it appears;
+* ``none``: no prompt (box-free two-pass inference; needs a model trained with boxes).
+
+Baselines on the same slices: ``copy_nearest`` (each test slice takes the label of the nearest
+labelled slice) and ``copy_box`` (a 3-D box's rectangle asked on every slice it spans: what the
+MONAI Label app did before propagation).
+
+Scores (``evaluation.metrics``) cover every slice of the test region, including slices where a
+structure is absent (any prediction there counts against it): Dice, HD95 and NSD (surface Dice
+at ``nsd_tolerance_mm``) per class, with the seconds and encoder passes each source took.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_surface_dice
+from scipy import ndimage
+from torch import nn
+
+from medsaga_components.evaluation.metrics import evaluate_volume
+from medsaga_components.inference.prompted import in_plane_axes
+from medsaga_components.inference.two_pass import TwoPassInferer
+from medsaga_components.inference.volume import (
+    ClassPredictor,
+    SliceEmbeddings,
+    _class_scores,
+    _labels_from_scores,
+    box_around_structure,
+    segment_volume_from_boxes,
+    segment_volume_from_clicks,
+    segment_volume_from_labelled_slices,
+)
+from medsaga_components.prompts.from_labels import structure_masks
+
+PROMPT_SOURCES = ("box_3d", "labelled_slices", "click", "oracle_slice_boxes", "none")
+BASELINES = ("copy_nearest", "copy_box")
+ORACLE = "oracle_slice_boxes"
+MAX_STRUCTURES = 2  # per class: the demo classes merge a left and a right structure
+
+
+def structures_3d(label: np.ndarray, class_index: int, max_structures: int = MAX_STRUCTURES) -> list[np.ndarray]:
+    """The largest 3-D connected pieces of a class (26-connected), largest first."""
+    pieces, count = ndimage.label(label == class_index, structure=np.ones((3, 3, 3)))
+    if count == 0:
+        return []
+    sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
+    return [pieces == i + 1 for i in np.argsort(-sizes, kind="stable")[:max_structures]]
+
+
+def user_boxes(label: np.ndarray, num_classes: int, jitter: float = 0.05, seed: int = 0) -> dict[int, list[list[float]]]:
+    """One jittered 3-D box per structure, ``{class index: [[i0, j0, k0, i1, j1, k1], ...]}``."""
+    rng = np.random.default_rng(seed)
+    return {c: [box_around_structure(s, jitter, rng) for s in structures_3d(label, c)] for c in range(1, num_classes + 1)
+            if (label == c).any()}
+
+
+def user_clicks(label: np.ndarray, num_classes: int, axis: int) -> dict[int, list[list[int]]]:
+    """One click per structure: on its largest cross-section along ``axis``, the voxel farthest
+    from that cross-section's border (where a user clicks)."""
+    clicks: dict[int, list[list[int]]] = {}
+    for c in range(1, num_classes + 1):
+        for structure in structures_3d(label, c):
+            by_slice = np.moveaxis(structure, axis, 0)
+            k = int(np.argmax(by_slice.reshape(by_slice.shape[0], -1).sum(axis=1)))
+            depth = ndimage.distance_transform_edt(np.pad(by_slice[k], 1))[1:-1, 1:-1]
+            row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+            rows, cols = in_plane_axes(axis)
+            click = [0, 0, 0]
+            click[axis], click[rows], click[cols] = k, int(row), int(col)
+            clicks.setdefault(c, []).append(click)
+    return clicks
+
+
+def copy_nearest_labelled(label: np.ndarray, axis: int, labelled: Sequence[int], test: Sequence[int]) -> np.ndarray:
+    """``[X, Y, Z]``: every test slice takes the label of the nearest labelled slice (the lower one on a tie)."""
+    out = np.zeros_like(label)
+    by_slice, target = np.moveaxis(label, axis, 0), np.moveaxis(out, axis, 0)
+    for k in test:
+        target[k] = by_slice[min(labelled, key=lambda s: (abs(s - k), s))]
+    return out
+
+
+def _oracle_slice_boxes(slices: SliceEmbeddings, label: np.ndarray, axis: int, test: Sequence[int]) -> np.ndarray:
+    """Every structure of every test slice asked with its tight ground-truth box."""
+    by_slice = np.moveaxis(label, axis, 0)
+    scores = []
+    for c in range(1, slices.module.num_classes + 1):
+        predictor = ClassPredictor(slices, c)
+        mask = np.zeros(by_slice.shape, dtype=bool)
+        best = {}
+        for k in test:
+            for piece in structure_masks(by_slice[k] == c):
+                rows, cols = np.nonzero(piece)
+                found = predictor(k, (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())))
+                best[k] = np.maximum(best.get(k, predictor.logits[k]), predictor.logits[k])
+                mask[k] |= found
+        predictor.logits.update(best)
+        scores.append(_class_scores(mask, predictor))
+    return np.moveaxis(_labels_from_scores(scores), 0, axis)
+
+
+def _copy_box(slices: SliceEmbeddings, boxes: dict, axis: int, test: Sequence[int]) -> np.ndarray:
+    """Each 3-D box's rectangle asked on every test slice it spans."""
+    rows, cols = in_plane_axes(axis)
+    scores = []
+    for c in range(1, slices.module.num_classes + 1):
+        predictor = ClassPredictor(slices, c)
+        mask = np.zeros((slices.depth, *slices.shape), dtype=bool)
+        best = {}
+        for box in boxes.get(c, ()):
+            for k in range(int(box[axis]), int(box[3 + axis]) + 1):
+                if k in test:
+                    mask[k] |= predictor(k, (box[cols], box[rows], box[3 + cols], box[3 + rows]))
+                    best[k] = np.maximum(best.get(k, predictor.logits[k]), predictor.logits[k])
+        predictor.logits.update(best)
+        scores.append(_class_scores(mask, predictor))
+    return np.moveaxis(_labels_from_scores(scores), 0, axis)
+
+
+@torch.no_grad()
+def _box_free(network: nn.Module, image: torch.Tensor, axis: int, test: Sequence[int]) -> np.ndarray:
+    """Box-free two-pass inference of every test slice (a model trained with boxes)."""
+    from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
+
+    module = getattr(network, "module", network)
+    out = np.zeros(image.shape[1:], dtype=np.uint8)
+    target = np.moveaxis(out, axis, 0)
+    two_pass = TwoPassInferer()
+    for k in test:
+        square, geometry = fit_to_square(image.select(1 + axis, k)[None].float(), module.image_size)
+        logits = two_pass(square, network)
+        target[k] = square_logits_to_slice(logits.float().cpu(), geometry)[0].argmax(0).numpy()
+    return out
+
+
+def surface_dice(prediction: np.ndarray, truth: np.ndarray, num_classes: int, spacing: Sequence[float],
+                 tolerance_mm: float) -> list[float | None]:
+    """NSD per class (MONAI's ``compute_surface_dice``); None where both are empty."""
+    pred = torch.nn.functional.one_hot(torch.as_tensor(prediction).long(), num_classes + 1).movedim(-1, 0)[None]
+    true = torch.nn.functional.one_hot(torch.as_tensor(truth).long(), num_classes + 1).movedim(-1, 0)[None]
+    values = compute_surface_dice(pred, true, [tolerance_mm] * num_classes, include_background=False,
+                                  spacing=list(spacing))[0]
+    return [None if torch.isnan(v) else float(v) for v in values]
+
+
+def evaluate_prompt_sources(network: nn.Module, image: torch.Tensor, label: np.ndarray, axis: int,
+                            labelled: Sequence[int], test: Sequence[int], class_names: Sequence[str],
+                            sources: Sequence[str] = PROMPT_SOURCES + BASELINES, spacing: Sequence[float] = (1, 1, 1),
+                            jitter: float = 0.05, seed: int = 0, nsd_tolerance_mm: float = 2.0,
+                            log=print) -> dict:
+    """Score each prompt source on the test slices of one volume.
+
+    Args:
+        network: a box-prompted ``SamSegmenter`` (a box-mode bundle's model, or zero-shot LiteMedSAM).
+        image: ``[C, X, Y, Z]`` preprocessed; label: ``[X, Y, Z]`` class indices 0..N (the ground truth,
+            from which the user's prompts are made, and the reference).
+        labelled: the user's labelled slices along ``axis``; test: the slices scored.
+        class_names: the N + 1 names, background first.
+    Returns:
+        ``{source: {"per_class": [{"name", "dice", "hd95_mm", "nsd"}], "mean_dice", "mean_nsd", "mean_hd95_mm",
+        "seconds", "encoder_passes", "oracle"}}``.
+    """
+    unknown = sorted(set(sources) - set(PROMPT_SOURCES + BASELINES))
+    if unknown:
+        raise ValueError(f"unknown prompt sources {unknown}; expected some of {list(PROMPT_SOURCES + BASELINES)}")
+    n = len(class_names) - 1
+    test = sorted(int(k) for k in test)
+    boxes = user_boxes(label, n, jitter, seed)
+    partial = np.zeros_like(label)
+    np.moveaxis(partial, axis, 0)[list(labelled)] = np.moveaxis(label, axis, 0)[list(labelled)]
+    runs = {
+        "box_3d": lambda s: segment_volume_from_boxes(network, image, axis, boxes, slices=s),
+        "labelled_slices": lambda s: segment_volume_from_labelled_slices(network, image, axis, partial, labelled,
+                                                                         num_classes=n, slices=s),
+        "click": lambda s: segment_volume_from_clicks(network, image, axis, user_clicks(label, n, axis), slices=s),
+        ORACLE: lambda s: _oracle_slice_boxes(s, label, axis, test),
+        "none": lambda s: _box_free(network, image, axis, test),
+        "copy_nearest": lambda s: copy_nearest_labelled(label, axis, labelled, test),
+        "copy_box": lambda s: _copy_box(s, boxes, axis, test),
+    }
+    results = {}
+    for source in sources:
+        slices = SliceEmbeddings(network, image, axis)
+        start = time.monotonic()
+        prediction = runs[source](slices)
+        seconds = time.monotonic() - start
+        pred_region = np.take(prediction, test, axis=axis)
+        true_region = np.take(label, test, axis=axis)
+        scored = evaluate_volume(pred_region, true_region, class_names, spacing=spacing, name=source)
+        nsd = surface_dice(pred_region, true_region, n, spacing, nsd_tolerance_mm)
+        per_class = [{"name": c["name"], "dice": c["dice"], "hd95_mm": c["hd95_mm"], "nsd": v}
+                     for c, v in zip(scored["classes"], nsd)]
+        nsd_values = [v for v in nsd if v is not None]
+        results[source] = {"per_class": per_class, "mean_dice": scored["mean_dice"],
+                           "mean_hd95_mm": scored["mean_hd95_mm"],
+                           "mean_nsd": float(np.mean(nsd_values)) if nsd_values else None,
+                           "seconds": round(seconds, 1), "encoder_passes": len(slices.encoded),
+                           "oracle": source == ORACLE}
+        dice = " / ".join(f"{c['dice']:.3f}" for c in per_class)
+        log(f"{source}{' (oracle)' if source == ORACLE else ''}: mean Dice {scored['mean_dice']:.3f} ({dice}), "
+            f"{seconds:.0f} s, {len(slices.encoded)} slices encoded")
+    return results
+
+
+def markdown_table(results: dict, prompts_note: str = "") -> str:
+    """One row per source: per-class Dice, mean Dice, NSD, HD95, seconds, slices encoded."""
+    lines = ["| prompts | per-class Dice | mean Dice | mean NSD (2 mm) | mean HD95 (mm) | seconds | slices encoded |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for source, r in results.items():
+        name = f"{source} (oracle)" if r["oracle"] else source
+        dice = " / ".join(f"{c['dice']:.3f}" for c in r["per_class"])
+        nsd = "" if r["mean_nsd"] is None else f"{r['mean_nsd']:.3f}"
+        hd95 = "" if r["mean_hd95_mm"] is None else f"{r['mean_hd95_mm']:.2f}"
+        lines.append(f"| {name} | {dice} | {r['mean_dice']:.3f} | {nsd} | {hd95} | {r['seconds']:.0f} | "
+                     f"{r['encoder_passes']} |")
+    return "\n".join(lines) + ("\n\n" + prompts_note if prompts_note else "") + "\n"
+
+
+def demo_labelled_slices(task: str, shots: int = 5, dataset_dir: str | None = None) -> list[int]:
+    """The bundles' default few-shot slices of a demo task (``spacing="even"``, seed 0) as slice
+    indices of the whole volume (each slab's start added back)."""
+    import tempfile
+
+    from medsaga_components.data.demo import load_demo_volume, write_demo_dataset
+    from medsaga_components.data.fewshot import select_few_shot_slices
+    from medsaga_components.data.decathlon import load_decathlon
+
+    folder = dataset_dir or tempfile.mkdtemp(prefix=f"medsaga_{task}_")
+    json_path = write_demo_dataset(folder, task=task) if dataset_dir is None else f"{folder}/dataset.json"
+    dataset = load_decathlon(json_path)
+    starts = {entry.image: start for entry, (start, _) in zip(dataset.splits["training"], load_demo_volume(task)[3]["training"])}
+    return sorted(starts[ref.volume] + ref.slice_index for ref in select_few_shot_slices(dataset, shots, spacing="even"))
+
+
+def prompt_sources_command(task: str = "small_structures", model: str = "zero_shot", out: str = "prompt_sources",
+                           shots: int = 5, sources: str = ",".join(PROMPT_SOURCES + BASELINES), jitter: float = 0.05,
+                           seed: int = 0, backbone: str = "lite_medsam", image_size: int = 256,
+                           threads: int | None = None) -> dict:
+    """``medsaga prompt-sources``: every prompt source side by side on a demo task's test slab.
+
+    ``model``: ``zero_shot`` (pretrained LiteMedSAM asked with boxes) or the ``models/model.pt`` of a
+    bundle trained in box mode (``configs/boxes.json``). Writes ``out/prompt_sources.json`` and ``.md``.
+    """
+    from pathlib import Path
+
+    from medsaga_components import SamSegmenter
+    from medsaga_components.data.demo import LABELS, SMALL_STRUCTURES, load_demo_volume
+    from medsaga_components.data.demo_small_structures import LABELS as SMALL_LABELS
+    from medsaga_components.data.intensity import scale_intensity
+    from medsaga_components.evaluation.metrics import voxel_spacing
+    from medsaga_components.inference.model import load_plain_model
+    from medsaga_components.io.atomic import write_json_atomic, write_text_atomic
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    names = list((SMALL_LABELS if task == SMALL_STRUCTURES else LABELS).values())
+    image, label, affine, slabs = load_demo_volume(task)
+    volume = torch.from_numpy(scale_intensity(image.astype(np.float32), "MRI"))[None]
+    network = SamSegmenter(backbone, len(names) - 1, checkpoint="pretrained" if model == "zero_shot" else None,
+                           image_size=image_size, prompt="boxes" if model == "zero_shot" else "mcp")
+    if model != "zero_shot":
+        from medsaga_components.inference.two_pass import TwoPassBoxSegmenter
+
+        network = load_plain_model(TwoPassBoxSegmenter(backbone, len(names) - 1, checkpoint=None, image_size=image_size,
+                                                       modality_prompt=False, content_prompt=False), model)
+    network = network.eval()
+    wanted = [s.strip() for s in sources.split(",") if s.strip()]
+    if model == "zero_shot":
+        wanted = [s for s in wanted if s != "none"]  # no class tokens: nothing to ask without a prompt
+    labelled = demo_labelled_slices(task, shots)
+    test = [k for start, stop in slabs["test"] for k in range(start, stop)]
+    results = evaluate_prompt_sources(network, volume, label.astype(np.int64), 2, labelled, test, names, wanted,
+                                      voxel_spacing(affine), jitter, seed)
+    note = (f"{task}, model {model}, labelled slices {labelled} (k = {shots}), test slices {test[0]}..{test[-1]}; "
+            f"3-D boxes jittered by up to {jitter:.0%} of each side's extent (seed {seed}).")
+    out_dir = Path(out)
+    write_json_atomic(out_dir / "prompt_sources.json", {"task": task, "model": model, "labelled": labelled,
+                                                        "test": test, "results": results})
+    write_text_atomic(out_dir / "prompt_sources.md", markdown_table(results, note))
+    return {source: round(r["mean_dice"], 4) for source, r in results.items()}
