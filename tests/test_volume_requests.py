@@ -1,0 +1,136 @@
+"""A user's request for a volume through the two doors users take: ``run inference --prompts``
+of a box-mode bundle, and MONAI Label's box request (the app's ``ServedBundle`` path, without
+the server: ``test_monailabel_app.py`` runs that). Same prompts, same label map; bad requests
+fail before any slice runs, naming what is wrong."""
+
+import json
+import re
+import shutil
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from bundle_runs import REPO
+from data_synthetic import write_dataset
+from medsaga_components import SamSegmenter
+from medsaga_components.adapters.export import save_plain_model
+from medsaga_components.inference.model import served_labels, write_model_info
+from medsaga_components.inference.two_pass import TwoPassBoxSegmenter
+from medsaga_components.inference.volume import parse_request
+
+sys.path.insert(0, str(REPO / "monailabel_app"))
+from medsaga_label.bundles import discover_bundles  # noqa: E402
+
+SIZE = 64
+CLASSES = ["ring", "blob"]
+BOX = [5, 4, 3, 20, 18, 8]
+OVERRIDES = {"backbone": "lite_medsam_tiny", "image_size": SIZE, "keep_freed_cpu_memory": False}
+
+
+def box_mode_model(path):
+    """A tiny box-mode medsaga model saved the way training saves it (model.pt + model.json),
+    its read-out answering every box with "inside"."""
+    torch.manual_seed(0)
+    network = TwoPassBoxSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=SIZE, modality_prompt=False,
+                                  content_prompt=False)
+    with torch.no_grad():
+        for mlp in network.backbone.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.zero_()
+            mlp.layers[-1].bias.fill_(1.0)
+    save_plain_model(network, path)
+    write_model_info(network, path, CLASSES)
+    return network
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles") / "medsaga"
+    shutil.copytree(REPO / "bundles" / "medsaga" / "configs", root / "configs")
+    box_mode_model(root / "models" / "model.pt")
+    data = write_dataset(root.parent / "data", n_training=1, n_test=1).parent
+    return root, data
+
+
+def run_inference(root, data, prompts, tmp_path):
+    folder = root / "configs"
+    workflow = ConfigWorkflow(config_file=[str(folder / "inference.json"), str(folder / "inference_boxes.json")],
+                              workflow_type="infer", meta_file=str(folder / "metadata.json"), logging_file=False,
+                              bundle_root=str(root), dataset_dir=str(data), prompts=str(prompts),
+                              output_dir=str(tmp_path / "out"), **OVERRIDES)
+    workflow.initialize()
+    workflow.run()
+    return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted((tmp_path / "out").glob("*_seg.nii.gz"))}
+
+
+def test_run_inference_and_monai_label_give_the_same_label_map_never_outside_the_box(bundle, tmp_path):
+    root, data = bundle
+    request = {"boxes": {"ring": [BOX]}}
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"case0.nii.gz": request}))
+    written = run_inference(root, data, prompts, tmp_path)
+    labels = written["case0_seg.nii.gz"]
+    inside = np.zeros(labels.shape, bool)
+    inside[5:21, 4:19, 3:9] = True
+    assert (labels[inside] == 1).any() and (labels[~inside] == 0).all()
+
+    served = discover_bundles(root.parent, OVERRIDES)["medsaga"]
+    assert served.box_mode and served.labels == {"ring": 1, "blob": 2}  # the names training recorded
+    item = {"image": str(data / "imagesTs" / "case0.nii.gz")}
+    for transform in served.preprocessing():
+        item = transform(item)
+    network = served.build_network()
+    network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        scores = served.inferer()(item["image"][None], network.eval(), prompts=request)
+    np.testing.assert_array_equal(scores.argmax(1)[0].numpy(), labels)
+
+
+def messages(error: BaseException) -> str:
+    """The error and its causes (MONAI wraps a component's error in its own)."""
+    chain = []
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__
+    return "\n".join(chain)
+
+
+def test_bad_requests_fail_before_any_slice_runs_naming_the_problem(bundle, tmp_path):
+    root, data = bundle
+    prompts = tmp_path / "prompts.json"
+    for content, message in [
+        ({"case9.nii.gz": {"boxes": {"ring": [BOX]}}}, r"names \['case9.nii.gz'\], which are not among the volumes"),
+        (["not", "an", "object"], "expected {image file name: request object}"),
+    ]:
+        prompts.write_text(json.dumps(content))
+        with pytest.raises(Exception) as error:
+            run_inference(root, data, prompts, tmp_path)
+        assert re.search(message, messages(error.value)), messages(error.value)
+        assert not (tmp_path / "out").exists(), "nothing is written before the request is read"
+    labels = {"ring": 1, "blob": 2}
+    with pytest.raises(ValueError, match="prompt for unknown label 'bone'"):
+        parse_request({"boxes": {"bone": [BOX]}}, labels)
+    with pytest.raises(ValueError, match=r"one prompt source.*got \['boxes', 'clicks'\]"):
+        parse_request({"boxes": {"ring": [BOX]}, "blob": [[1, 2, 3]]}, labels)
+    assert parse_request({"ring": [1, 2, 3]}, labels) == ("clicks", {1: [[1, 2, 3]]})
+
+
+def test_prompts_for_a_model_that_takes_none_are_refused(tmp_path):
+    root = tmp_path / "medsaga"
+    shutil.copytree(REPO / "bundles" / "medsaga" / "configs", root / "configs")
+    save_plain_model(SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=SIZE), root / "models" / "model.pt")
+    data = write_dataset(tmp_path / "data", n_training=1, n_test=1).parent
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"case0.nii.gz": {"boxes": {"grey matter": [BOX]}}}))
+    folder = root / "configs"
+    workflow = ConfigWorkflow(config_file=str(folder / "inference.json"), workflow_type="infer",
+                              meta_file=str(folder / "metadata.json"), logging_file=False, bundle_root=str(root),
+                              dataset_dir=str(data), prompts=str(prompts), **OVERRIDES)
+    with pytest.raises(Exception) as error:
+        workflow.initialize()
+        workflow.run()
+    assert "takes no prompts; volume requests need a box-prompted model" in messages(error.value)
+    assert served_labels(root / "models" / "model.pt", folder / "metadata.json") == {"grey matter": 1, "white matter": 2}
