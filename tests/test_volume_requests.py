@@ -134,3 +134,33 @@ def test_prompts_for_a_model_that_takes_none_are_refused(tmp_path):
         workflow.run()
     assert "takes no prompts; volume requests need a box-prompted model" in messages(error.value)
     assert served_labels(root / "models" / "model.pt", folder / "metadata.json") == {"grey matter": 1, "white matter": 2}
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nan", r"NaN|non-finite|infinite"),
+    ("truncated", "cannot be read"),
+    ("4d", r"channel|4-D|dimensions|shape"),
+])
+def test_inference_refuses_what_training_refuses_naming_the_file(damage, message, bundle, tmp_path):
+    root, data = bundle
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    path = folder / "bad.nii.gz"
+    image = np.random.default_rng(0).random((20, 16, 6)).astype(np.float32)
+    if damage == "nan":
+        image[0, 0, :3] = np.nan
+    if damage == "4d":
+        image = np.stack([image, image], axis=-1)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(path))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    (folder / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"}, "test": ["bad.nii.gz"]}))
+    config = root / "configs"
+    workflow = ConfigWorkflow(config_file=[str(config / "inference.json"), str(config / "inference_boxes.json")],
+                              workflow_type="infer",
+                              meta_file=str(config / "metadata.json"), logging_file=False, bundle_root=str(root),
+                              dataset_dir=str(folder), output_dir=str(tmp_path / "out"), **OVERRIDES)
+    with pytest.raises(Exception) as error:
+        workflow.initialize()
+    assert "bad.nii.gz" in messages(error.value) and re.search(message, messages(error.value)), messages(error.value)
+    assert not (tmp_path / "out").exists()

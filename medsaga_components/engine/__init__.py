@@ -5,7 +5,7 @@ inference in ``inference/``, prompts in ``prompts/``, the test evaluation in ``e
 from medsaga_components.bundle_config import find_bundle_root
 from medsaga_components.evaluation.test_volumes import EvaluateOnTestVolumes, evaluation_points
 from medsaga_components.inference.model import check_model_file, served_labels
-from medsaga_components.inference.preprocessing import ScaleIntensityForModalityd
+from medsaga_components.inference.preprocessing import CheckVolumed, ScaleIntensityForModalityd, check_volumes
 from medsaga_components.inference.slices import SquareSliceInferer
 from medsaga_components.inference.two_pass import TwoPassBoxSegmenter, TwoPassInferer, TwoPassPointSegmenter
 from medsaga_components.inference.volume import VolumePrompts
@@ -22,7 +22,7 @@ from medsaga_components.training.setup import prepare_training
 from medsaga_components.training.stopping import TrainUntilPlateau
 
 __all__ = [
-    "EvaluateOnTestVolumes", "FewShotExperiment", "McpPrepareBatch", "PromptsFromLabels", "SaveBestPlainModel",
+    "CheckVolumed", "check_volumes", "EvaluateOnTestVolumes", "FewShotExperiment", "McpPrepareBatch", "PromptsFromLabels", "SaveBestPlainModel",
     "ScaleIntensityForModalityd", "SquareSliceInferer", "TrainUntilPlateau", "TwoPassBoxSegmenter", "TwoPassInferer",
     "TwoPassPointSegmenter", "ZoomInferer", "check_model_file", "dataset_modality",
     "enable_memory_efficient_training", "evaluation_points",

@@ -1,7 +1,9 @@
-"""MONAI dictionary transforms that apply the data pipeline's conventions to whole volumes."""
+"""MONAI dictionary transforms that apply the data pipeline's conventions to whole volumes:
+the same volumes refused, the same intensity scaling."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -10,6 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from medsaga_components.data.intensity import scale_intensity
+from medsaga_components.data.volume_io import read_image
 
 
 class ScaleIntensityForModalityd(MapTransform):
@@ -31,3 +34,32 @@ class ScaleIntensityForModalityd(MapTransform):
             else:
                 d[key] = torch.from_numpy(scaled) if torch.is_tensor(value) else scaled
         return d
+
+
+def check_volume(path: str | Path, nonfinite_fill: float | None = None) -> None:
+    """Refuse a volume that training would refuse (``data.volume_io.read_image``: unreadable or
+    truncated, not a single-channel 2-D/3-D image, NaN or infinite voxels without a
+    ``nonfinite_fill``), with an error that names the file, before any slice of it runs."""
+    read_image(path, nonfinite_fill)
+
+
+def check_volumes(datalist: Sequence[Mapping], key: str = "image", nonfinite_fill: float | None = None) -> None:
+    """``check_volume`` on every volume of a datalist, before inference starts (``run inference``)."""
+    for item in datalist:
+        check_volume(item[key], nonfinite_fill)
+
+
+class CheckVolumed(MapTransform):
+    """``check_volume`` on the files named under ``keys`` (the first preprocessing step, so that
+    MONAI Label and ``run inference`` refuse the same volumes as training)."""
+
+    def __init__(self, keys: Sequence[Hashable], nonfinite_fill: float | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.nonfinite_fill = nonfinite_fill
+
+    def __call__(self, data: Mapping) -> dict:
+        for key in self.key_iterator(dict(data)):
+            if isinstance(data[key], (str, Path)):
+                check_volume(data[key], self.nonfinite_fill)
+        return dict(data)
