@@ -80,7 +80,7 @@ class SamSegmenter(nn.Module):
                 *decoder.iou_prediction_head.parameters()]
 
     def forward(self, image: torch.Tensor, prompts: Mapping[str, torch.Tensor] | None = None,
-                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+                embeddings: torch.Tensor | None = None, only_class: int | None = None) -> torch.Tensor:
         """Class logits for ``image``.
 
         Args:
@@ -93,6 +93,8 @@ class SamSegmenter(nn.Module):
                 at a time, and a class's logit is the highest over its boxes.
             embeddings: the encoder's ``[B, D, h, w]`` for ``image`` when already computed
                 (two-pass inference decodes one image twice); None runs the encoder.
+            only_class: per-class kinds: decode the query of this class (0..N-1) alone, the
+                others getting ``ABSENT_CLASS_LOGIT`` (propagation asks one class at a time).
         Returns:
             ``[B, N + 1, H, W]`` logits.
         """
@@ -112,28 +114,39 @@ class SamSegmenter(nn.Module):
             if self.checkpoint_box_passes and torch.is_grad_enabled():
                 decode = partial(checkpoint, self._decode_classes, use_reentrant=False)
             logits = torch.stack([
-                decode(embeddings, {**prompts, "boxes": boxes[:, :, k], "present": present[:, :, k]})
+                decode(embeddings, {**prompts, "boxes": boxes[:, :, k], "present": present[:, :, k]}, only_class)
                 for k in range(boxes.shape[2])
             ]).amax(dim=0)
         else:
-            logits = self._decode_classes(embeddings, prompts)
+            logits = self._decode_classes(embeddings, prompts, only_class)
         return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
 
-    def _decode_classes(self, embeddings: torch.Tensor, prompts: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    def _decode_classes(self, embeddings: torch.Tensor, prompts: Mapping[str, torch.Tensor] | None,
+                        only_class: int | None = None) -> torch.Tensor:
         """``[B, N + 1, h', w']`` logits at the decoder's resolution from the encoder's ``[B, D, h, w]``."""
         b = embeddings.shape[0]
         prompt_encoder = self.backbone.prompt_encoder
         sparse, dense = self.prompt(prompt_encoder, b, prompts)  # [B, Q, T, D], [B, Q, D, h, w]
         q = sparse.shape[1]
+        if self.prompt.per_class and q != self.num_classes:
+            raise ValueError(f"per-class prompts need one query per class ({self.num_classes}), got {q}")
+        if only_class is not None:
+            if not self.prompt.per_class or not 0 <= only_class < q:
+                raise ValueError(f"only_class {only_class}: needs a per-class prompt kind and 0..{q - 1}")
+            sparse, dense = sparse[:, only_class:only_class + 1], dense[:, only_class:only_class + 1]
+        asked = sparse.shape[1]
         masks = self.backbone.decode_masks(
-            embeddings.repeat_interleave(q, dim=0),
-            sparse.reshape(b * q, *sparse.shape[2:]),
-            dense.reshape(b * q, *dense.shape[2:]),
+            embeddings.repeat_interleave(asked, dim=0),
+            sparse.reshape(b * asked, *sparse.shape[2:]),
+            dense.reshape(b * asked, *dense.shape[2:]),
         )  # [B * Q, M, h', w']
         if self.prompt.per_class:
-            if q != self.num_classes:
-                raise ValueError(f"per-class prompts need one query per class ({self.num_classes}), got {q}")
-            foreground = self.prompt.class_logits(masks[:, :1].reshape(b, q, *masks.shape[-2:]))
+            foreground = masks[:, :1].reshape(b, asked, *masks.shape[-2:])
+            if only_class is not None:  # the other classes are not asked
+                full = foreground.new_full((b, q, *masks.shape[-2:]), ABSENT_CLASS_LOGIT)
+                full[:, only_class:only_class + 1] = foreground
+                foreground = full
+            foreground = self.prompt.class_logits(foreground)
             if prompts is not None and "present" in prompts:  # a class without a prompt in this image
                 absent = ~prompts["present"].to(device=foreground.device, dtype=torch.bool)
                 foreground = foreground.masked_fill(absent[:, :, None, None], ABSENT_CLASS_LOGIT)

@@ -99,3 +99,20 @@ def test_a_users_drag_is_the_structures_box_moved_by_at_most_the_jitter():
     for seed in range(5):
         box = np.array(box_around_structure(mask, 0.05, np.random.default_rng(seed)))
         assert np.all(np.abs(box - [10, 5, 8, 29, 24, 17]) <= np.array([20, 20, 10] * 2) * 0.05 + 0.5)
+
+
+def test_one_class_decoded_alone_gives_that_class_of_the_full_decode():
+    torch.manual_seed(0)
+    net = SamSegmenter("lite_medsam_tiny", 3, checkpoint=None, image_size=SIZE, prompt="mcp").eval()
+    with torch.no_grad():
+        for mlp in net.backbone.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.normal_(0, 0.5)
+    image = torch.rand(1, 1, SIZE, SIZE)
+    prompts = {"boxes": torch.tensor([[[2.0, 3, 30, 40], [10, 10, 50, 60], [0, 0, 63, 63]]]), "modality": "MRI"}
+    with torch.no_grad():
+        full = net(image, prompts)
+        alone = net(image, prompts, only_class=1)
+    torch.testing.assert_close(alone[:, 2], full[:, 2], atol=1e-5, rtol=1e-5)
+    assert (alone[:, [1, 3]] < -1e3).all() and not (full[:, [1, 3]] < -1e3).all()
+    with pytest.raises(ValueError, match="only_class 3"):
+        net(image, prompts, only_class=3)

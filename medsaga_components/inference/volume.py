@@ -36,6 +36,7 @@ from medsaga_components.inference.propagation import (
 )
 from medsaga_components.inference.prompted import in_plane_axes, prompt_tensors
 from medsaga_components.inference.two_pass import unwrapped
+from medsaga_components.network import SamSegmenter
 
 # Chosen on the small-structure demo (docs/prompted_volumes.md): the previous slice's box grown by
 # this share of its side on each side, and propagation beyond the seeds stops where the prediction vanishes.
@@ -98,7 +99,9 @@ class SliceEmbeddings:
         if self.modality is not None:
             prompts["modality"] = self.modality
         self.decoder_calls += 1
-        logits = self.network(square, prompts, embeddings=embedding)  # [1, N + 1, S, S]
+        # SamSegmenter's own forward (a two-pass wrapper would add nothing to a boxed query), one class decoded
+        logits = SamSegmenter.forward(self.module, square, prompts, embeddings=embedding,
+                                      only_class=class_index - 1)  # [1, N + 1, S, S]
         return square_logits_to_slice(logits[:, class_index:class_index + 1].float().cpu(), geometry)[0, 0]
 
 

@@ -1,0 +1,82 @@
+"""Measure propagation's stop rule and margin on a demo task (docs/prompted_volumes.md).
+
+    .venv/bin/python scripts/choose_stop_rule.py --task small_structures --model bundles/medsaga/models/model.pt
+
+One process, one thread: every slice is encoded once (a shared ``SliceEmbeddings``) and each
+setting only re-runs the decoder, so the settings are compared on the same embeddings. Prints
+the mean Dice over the test slab of the 3-D box and the labelled-slice sources for each setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from medsaga_components import SamSegmenter
+from medsaga_components.data.demo import LABELS, SMALL_STRUCTURES, load_demo_volume
+from medsaga_components.data.demo_small_structures import LABELS as SMALL_LABELS
+from medsaga_components.data.intensity import scale_intensity
+from medsaga_components.evaluation.metrics import evaluate_volume
+from medsaga_components.evaluation.prompt_sources import demo_labelled_slices, user_boxes
+from medsaga_components.inference.model import load_plain_model
+from medsaga_components.inference.propagation import StopRule
+from medsaga_components.inference.two_pass import TwoPassBoxSegmenter
+from medsaga_components.inference.volume import (
+    SliceEmbeddings,
+    segment_volume_from_boxes,
+    segment_volume_from_labelled_slices,
+)
+
+STOP_RULES = {
+    "vanishes": StopRule(min_pixels=1),
+    "shrinks below 0.3": StopRule(min_pixels=1, min_area_ratio=0.3),
+    "overlap below 0.2": StopRule(min_pixels=1, min_overlap=0.2),
+    "under 10 pixels": StopRule(min_pixels=10),
+}
+MARGINS = (0.05, 0.1, 0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--task", default=SMALL_STRUCTURES)
+    parser.add_argument("--model", default="zero_shot")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    names = list((SMALL_LABELS if args.task == SMALL_STRUCTURES else LABELS).values())
+    n = len(names) - 1
+    image, label, _, slabs = load_demo_volume(args.task)
+    label = label.astype(np.int64)
+    volume = torch.from_numpy(scale_intensity(image.astype(np.float32), "MRI"))[None]
+    if args.model == "zero_shot":
+        network = SamSegmenter("lite_medsam", n, prompt="boxes")
+    else:
+        network = load_plain_model(TwoPassBoxSegmenter("lite_medsam", n, checkpoint=None, modality_prompt=False,
+                                                       content_prompt=False), args.model)
+    network = network.eval()
+    test = [k for start, stop in slabs["test"] for k in range(start, stop)]
+    labelled = demo_labelled_slices(args.task)
+    partial = np.zeros_like(label)
+    partial[..., labelled] = label[..., labelled]
+    boxes = user_boxes(label, n)
+    slices = SliceEmbeddings(network, volume, 2)
+
+    def score(prediction: np.ndarray) -> float:
+        return evaluate_volume(prediction[..., test], label[..., test], names)["mean_dice"]
+
+    print(f"{args.task}, model {args.model}, test z {test[0]}..{test[-1]}, labelled {labelled}")
+    print("| stop rule | margin | 3-D box | labelled slices | seconds |")
+    print("|---|---:|---:|---:|---:|")
+    for (rule, stop), margin in itertools.product(STOP_RULES.items(), MARGINS):
+        start = time.monotonic()
+        from_box = score(segment_volume_from_boxes(network, volume, 2, boxes, margin=margin, stop=stop, slices=slices))
+        from_slices = score(segment_volume_from_labelled_slices(network, volume, 2, partial, labelled, margin=margin,
+                                                                stop=stop, num_classes=n, slices=slices))
+        print(f"| {rule} | {margin} | {from_box:.3f} | {from_slices:.3f} | {time.monotonic() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
