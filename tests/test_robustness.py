@@ -299,10 +299,11 @@ def _prediction(tmp_path):
 
 
 def test_run_inference_predictions_are_written_atomically(tmp_path, monkeypatch, umask_022):
-    import medsaga_components.engine  # noqa: F401  (what bundle configs import: registers the writer)
     from monai.transforms import SaveImaged
 
-    from medsaga_components.inference.writer import AtomicNibabelWriter
+    from medsaga_components.inference.writer import AtomicNibabelWriter, register_atomic_nifti_writer
+
+    register_atomic_nifti_writer()  # what inference.json's initialize does
 
     def saver():
         return SaveImaged(keys="pred", output_dir=str(tmp_path / "out"), output_postfix="seg", output_dtype=np.uint8,
