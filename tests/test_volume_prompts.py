@@ -116,3 +116,32 @@ def test_one_class_decoded_alone_gives_that_class_of_the_full_decode():
     assert (alone[:, [1, 3]] < -1e3).all() and not (full[:, [1, 3]] < -1e3).all()
     with pytest.raises(ValueError, match="only_class 3"):
         net(image, prompts, only_class=3)
+
+
+def test_prompt_sources_are_scored_side_by_side_with_the_oracle_labelled(network):
+    from medsaga_components.evaluation.prompt_sources import (
+        copy_nearest_labelled,
+        evaluate_prompt_sources,
+        markdown_table,
+        user_clicks,
+    )
+
+    label = np.zeros((40, 30, 12), np.int64)
+    label[8:20, 5:15, 2:10] = 1
+    label[25:35, 18:26, 4:8] = 2
+    copied = copy_nearest_labelled(label, 2, [3, 9], [5, 6, 7])
+    assert np.array_equal(copied[..., 5], label[..., 3]) and np.array_equal(copied[..., 7], label[..., 9])
+    assert (copied[..., [0, 1, 2, 4, 8]] == 0).all()
+    clicks = user_clicks(label, 2, 2)
+    assert sorted(clicks) == [1, 2] and all(len(c) == 1 for c in clicks.values())
+    assert all(label[tuple(c)] == k for k, cs in clicks.items() for c in cs), "each click inside its structure"
+    results = evaluate_prompt_sources(network, volume(), label, 2, [3, 9], range(2, 11),
+                                      ["background", "a", "b"], ["copy_nearest", "box_3d", "oracle_slice_boxes"],
+                                      log=lambda line: None)
+    assert list(results) == ["copy_nearest", "box_3d", "oracle_slice_boxes"]
+    assert results["oracle_slice_boxes"]["oracle"] and not results["box_3d"]["oracle"]
+    assert results["copy_nearest"]["encoder_passes"] == 0 and results["box_3d"]["encoder_passes"] > 0
+    for r in results.values():
+        assert 0 <= r["mean_dice"] <= 1 and len(r["per_class"]) == 2
+    table = markdown_table(results)
+    assert "| oracle_slice_boxes (oracle) |" in table and "| box_3d |" in table

@@ -248,11 +248,13 @@ def demo_labelled_slices(task: str, shots: int = 5, dataset_dir: str | None = No
 def prompt_sources_command(task: str = "small_structures", model: str = "zero_shot", out: str = "prompt_sources",
                            shots: int = 5, sources: str = ",".join(PROMPT_SOURCES + BASELINES), jitter: float = 0.05,
                            seed: int = 0, backbone: str = "lite_medsam", image_size: int = 256,
-                           threads: int | None = None) -> dict:
+                           per_structure: bool = True, threads: int | None = None) -> dict:
     """``medsaga prompt-sources``: every prompt source side by side on a demo task's test slab.
 
     ``model``: ``zero_shot`` (pretrained LiteMedSAM asked with boxes) or the ``models/model.pt`` of a
-    bundle trained in box mode (``configs/boxes.json``). Writes ``out/prompt_sources.json`` and ``.md``.
+    bundle trained in box mode (``configs/boxes.json``; ``per_structure``: its box-free first pass boxes
+    each structure, as a model trained with ``--box_per_structure true``). Writes
+    ``out/prompt_sources.json`` and ``.md``.
     """
     from pathlib import Path
 
@@ -275,7 +277,8 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
         from medsaga_components.inference.two_pass import TwoPassBoxSegmenter
 
         network = load_plain_model(TwoPassBoxSegmenter(backbone, len(names) - 1, checkpoint=None, image_size=image_size,
-                                                       modality_prompt=False, content_prompt=False), model)
+                                                       modality_prompt=False, content_prompt=False,
+                                                       per_structure=per_structure), model)
     network = network.eval()
     wanted = [s.strip() for s in sources.split(",") if s.strip()]
     if model == "zero_shot":
