@@ -72,10 +72,13 @@ class LabelClient:
         return self.json("PUT", "/datastore/label", query={"image": image_id, "tag": tag},
                          fields={"params": "{}"}, files={"label": (Path(path).name, Path(path).read_bytes())})
 
-    def infer(self, model: str, image_id: str, params: dict | None = None) -> tuple[bytes, dict]:
-        """``(label file bytes, result params)`` of ``POST /infer/<model>?image=<id>``."""
+    def infer(self, model: str, image_id: str, params: dict | None = None,
+              label: str | Path | None = None) -> tuple[bytes, dict]:
+        """``(label file bytes, result params)`` of ``POST /infer/<model>?image=<id>``; ``label``: a
+        label file sent with the request (a user's labelled slices, for completion)."""
+        files = {"label": (Path(label).name, Path(label).read_bytes())} if label is not None else None
         payload, content_type = self.request("POST", f"/infer/{model}", query={"image": image_id, "output": "all"},
-                                             fields={"params": json.dumps(params or {})})
+                                             fields={"params": json.dumps(params or {})}, files=files)
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
             f"Content-Type: {content_type}\r\n\r\n".encode() + payload)
         label, result = None, {}

@@ -263,6 +263,14 @@ def test_prompted_segmentation_with_points_and_boxes(served):
         assert touched and touched <= slices, (name, touched)
         asked = {LABELS[n] for n in (params.get("boxes") or params)}
         assert set(np.unique(labels).tolist()) <= {0} | asked
+        if bundle.prompt_input == "boxes":  # a label sent with the request: its slices completed, kept as drawn
+            drawn = np.zeros((48, 40, 8), np.uint8)
+            drawn[10:20, 8:16, 3], drawn[30:36, 20:30, 3] = 1, 2
+            partial = work / "partial_label.nii.gz"
+            nib.save(nib.Nifti1Image(drawn, np.eye(4)), str(partial))
+            completed = np.asarray(as_image(server.client.infer(f"{name}_prompted", "case_0", {}, label=partial)[0])
+                                   .dataobj)
+            np.testing.assert_array_equal(completed[..., 3], drawn[..., 3])
         with pytest.raises(LabelServerError) as error:
             server.client.infer(f"{name}_prompted", "case_0", {"boxes": {"grey matter": [0, 0, 0, 99, 1, 1]}}
                                 if bundle.prompt_input == "boxes" else {"grey matter": [[99, 1, 1]]})

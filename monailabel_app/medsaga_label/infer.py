@@ -113,7 +113,9 @@ class PromptedBundleSegmentation(BundleSegmentation):
     points: one key per label name, ``{"grey matter": [[i, j, k], ...]}`` (each click
     segments its slice); boxes: ``{"boxes": {"grey matter": [[i0, j0, k0, i1, j1, k1], ...]}}``,
     one box per structure, propagated through the volume from each box's middle slice and
-    never outside the box (the bundle's inferer with the request, ``inference.volume``).
+    never outside the box; or a label file sent with the request, whose labelled slices are
+    completed to the volume and kept as drawn (the bundle's inferer with the request,
+    ``inference.volume``).
     """
 
     def __init__(self, bundle: ServedBundle) -> None:
@@ -127,8 +129,9 @@ class PromptedBundleSegmentation(BundleSegmentation):
 
     def call_inferer(self, inputs, network, data):
         try:
-            if self.bundle.prompt_input == "boxes":
-                return self._inferer(inputs, network, prompts={"boxes": data.get("boxes") or {}})
+            if self.bundle.prompt_input == "boxes":  # a label sent with the request: its labelled slices
+                request = {"label": data["label"]} if data.get("label") else {"boxes": data.get("boxes") or {}}
+                return self._inferer(inputs, network, prompts=request)
             prompts = prompts_from_request(data, self.bundle.labels, self.bundle.prompt_input)
             return self._prompted(inputs, network, prompts)
         except ValueError as exc:
