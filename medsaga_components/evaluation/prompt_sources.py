@@ -100,14 +100,10 @@ def _oracle_slice_boxes(slices: SliceEmbeddings, label: np.ndarray, axis: int, t
     for c in range(1, slices.module.num_classes + 1):
         predictor = ClassPredictor(slices, c)
         mask = np.zeros(by_slice.shape, dtype=bool)
-        best = {}
         for k in test:
             for piece in structure_masks(by_slice[k] == c):
                 rows, cols = np.nonzero(piece)
-                found = predictor(k, (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())))
-                best[k] = np.maximum(best.get(k, predictor.logits[k]), predictor.logits[k])
-                mask[k] |= found
-        predictor.logits.update(best)
+                mask[k] |= predictor(k, (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())))
         scores.append(_class_scores(mask, predictor))
     return np.moveaxis(_labels_from_scores(scores), 0, axis)
 
@@ -119,13 +115,10 @@ def _copy_box(slices: SliceEmbeddings, boxes: dict, axis: int, test: Sequence[in
     for c in range(1, slices.module.num_classes + 1):
         predictor = ClassPredictor(slices, c)
         mask = np.zeros((slices.depth, *slices.shape), dtype=bool)
-        best = {}
         for box in boxes.get(c, ()):
             for k in range(int(box[axis]), int(box[3 + axis]) + 1):
                 if k in test:
                     mask[k] |= predictor(k, (box[cols], box[rows], box[3 + cols], box[3 + rows]))
-                    best[k] = np.maximum(best.get(k, predictor.logits[k]), predictor.logits[k])
-        predictor.logits.update(best)
         scores.append(_class_scores(mask, predictor))
     return np.moveaxis(_labels_from_scores(scores), 0, axis)
 

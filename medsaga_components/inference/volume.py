@@ -106,8 +106,9 @@ class SliceEmbeddings:
 
 
 class ClassPredictor:
-    """``predict(k, box) -> bool [H, W]`` for one class, as propagation calls it; keeps the logits
-    of the last prediction of each slice so that overlapping classes can be resolved."""
+    """``predict(k, box) -> bool [H, W]`` for one class, as propagation calls it; keeps the highest
+    logit of each slice's predictions (over the class's structures, as ``SamSegmenter`` takes the
+    highest over a class's boxes), by which overlapping classes are resolved."""
 
     def __init__(self, slices: SliceEmbeddings, class_index: int) -> None:
         self.slices = slices
@@ -116,7 +117,7 @@ class ClassPredictor:
 
     def __call__(self, k: int, box: Box) -> np.ndarray:
         logits = self.slices.box_logits(k, self.class_index, box).numpy()
-        self.logits[k] = logits
+        self.logits[k] = np.maximum(self.logits[k], logits) if k in self.logits else logits
         return logits > 0
 
 
