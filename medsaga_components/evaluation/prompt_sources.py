@@ -36,9 +36,8 @@ from medsaga_components.inference.two_pass import TwoPassInferer
 from medsaga_components.inference.volume import (
     ClassPredictor,
     SliceEmbeddings,
-    _class_scores,
-    _labels_from_scores,
     box_around_structure,
+    label_map,
     segment_volume_from_boxes,
     segment_volume_from_clicks,
     segment_volume_from_labelled_slices,
@@ -96,31 +95,31 @@ def copy_nearest_labelled(label: np.ndarray, axis: int, labelled: Sequence[int],
 def _oracle_slice_boxes(slices: SliceEmbeddings, label: np.ndarray, axis: int, test: Sequence[int]) -> np.ndarray:
     """Every structure of every test slice asked with its tight ground-truth box."""
     by_slice = np.moveaxis(label, axis, 0)
-    scores = []
-    for c in range(1, slices.module.num_classes + 1):
-        predictor = ClassPredictor(slices, c)
+
+    def class_mask(predictor: ClassPredictor) -> np.ndarray:
         mask = np.zeros(by_slice.shape, dtype=bool)
         for k in test:
-            for piece in structure_masks(by_slice[k] == c):
+            for piece in structure_masks(by_slice[k] == predictor.class_index):
                 rows, cols = np.nonzero(piece)
                 mask[k] |= predictor(k, (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())))
-        scores.append(_class_scores(mask, predictor))
-    return np.moveaxis(_labels_from_scores(scores), 0, axis)
+        return mask
+
+    return np.moveaxis(label_map(slices, class_mask), 0, axis)
 
 
 def _copy_box(slices: SliceEmbeddings, boxes: dict, axis: int, test: Sequence[int]) -> np.ndarray:
     """Each 3-D box's rectangle asked on every test slice it spans."""
     rows, cols = in_plane_axes(axis)
-    scores = []
-    for c in range(1, slices.module.num_classes + 1):
-        predictor = ClassPredictor(slices, c)
+
+    def class_mask(predictor: ClassPredictor) -> np.ndarray:
         mask = np.zeros((slices.depth, *slices.shape), dtype=bool)
-        for box in boxes.get(c, ()):
+        for box in boxes.get(predictor.class_index, ()):
             for k in range(int(box[axis]), int(box[3 + axis]) + 1):
                 if k in test:
                     mask[k] |= predictor(k, (box[cols], box[rows], box[3 + cols], box[3 + rows]))
-        scores.append(_class_scores(mask, predictor))
-    return np.moveaxis(_labels_from_scores(scores), 0, axis)
+        return mask
+
+    return np.moveaxis(label_map(slices, class_mask), 0, axis)
 
 
 @torch.no_grad()

@@ -136,6 +136,17 @@ def _labels_from_scores(scores: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack([unclaimed, *scores]).argmax(axis=0).astype(np.uint8)  # all -inf: 0, background
 
 
+def label_map(slices: SliceEmbeddings, class_mask) -> np.ndarray:
+    """uint8 ``[D, H, W]`` (slices first): every class's bool ``[D, H, W]`` mask from
+    ``class_mask(predictor)`` (a :class:`ClassPredictor` of that class), a voxel claimed by several
+    classes going to the one of highest logit."""
+    scores = []
+    for class_index in range(1, slices.module.num_classes + 1):
+        predictor = ClassPredictor(slices, class_index)
+        scores.append(_class_scores(class_mask(predictor), predictor))
+    return _labels_from_scores(scores)
+
+
 def _to_slices_first(array: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(array, axis, 0)
 
@@ -176,16 +187,16 @@ def segment_volume_from_boxes(network: nn.Module, volume: torch.Tensor, axis: in
     names = list(class_names) if class_names is not None else [str(c + 1) for c in range(slices.module.num_classes)]
     check_boxes_3d(boxes, volume.shape[1:], names)
     rows, cols = in_plane_axes(axis)
-    scores = []
-    for class_index in range(1, slices.module.num_classes + 1):
-        predictor = ClassPredictor(slices, class_index)
+
+    def class_mask(predictor: ClassPredictor) -> np.ndarray:
         mask = np.zeros((slices.depth, *slices.shape), dtype=bool)
-        for box in boxes.get(class_index, ()):
+        for box in boxes.get(predictor.class_index, ()):
             box2d = (float(box[cols]), float(box[rows]), float(box[3 + cols]), float(box[3 + rows]))
             mask |= propagate_from_box(predictor, slices.depth, slices.shape, box2d, int(round(box[axis])),
                                        int(round(box[3 + axis])), margin=margin, stop=stop)
-        scores.append(_class_scores(mask, predictor))
-    return _from_slices_first(_labels_from_scores(scores), axis)
+        return mask
+
+    return _from_slices_first(label_map(slices, class_mask), axis)
 
 
 @torch.no_grad()
@@ -217,16 +228,14 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
     for k in labelled:
         if not 0 <= k < slices.depth:
             raise ValueError(f"labelled slice {k} is outside the volume (0..{slices.depth - 1} along axis {axis})")
-    scores = []
-    for class_index in range(1, n + 1):
-        predictor = ClassPredictor(slices, class_index)
-        drawn = {int(k): by_slice[k] == class_index for k in labelled}
+
+    def class_mask(predictor: ClassPredictor) -> np.ndarray:
+        drawn = {int(k): by_slice[k] == predictor.class_index for k in labelled}
         if not any(mask.any() for mask in drawn.values()):
-            scores.append(np.full(by_slice.shape, -np.inf, dtype=np.float32))
-            continue
-        mask = propagate_labelled(predictor, slices.depth, slices.shape, drawn, margin=margin, stop=stop)
-        scores.append(_class_scores(mask, predictor))
-    labels = _labels_from_scores(scores)
+            return np.zeros(by_slice.shape, dtype=bool)
+        return propagate_labelled(predictor, slices.depth, slices.shape, drawn, margin=margin, stop=stop)
+
+    labels = label_map(slices, class_mask)
     labels[list(labelled)] = by_slice[list(labelled)]  # the user's slices as drawn
     return _from_slices_first(labels, axis)
 
@@ -258,20 +267,23 @@ def segment_volume_from_clicks(network: nn.Module, volume: torch.Tensor, axis: i
     names = list(class_names) if class_names is not None else [str(c + 1) for c in range(slices.module.num_classes)]
     rows, cols = in_plane_axes(axis)
     height, width = slices.shape
-    scores = []
-    for class_index in range(1, slices.module.num_classes + 1):
-        predictor = ClassPredictor(slices, class_index)
+    for class_index, class_clicks in clicks.items():
+        for n, click in enumerate(class_clicks):
+            if not 1 <= class_index <= len(names) or len(click) != 3 or any(
+                    not 0 <= v <= size - 1 for v, size in zip(click, volume.shape[1:])):
+                raise ValueError(f"click {n + 1} of class {class_index} is {list(click)}; expected [i, j, k] inside "
+                                 f"the volume {tuple(volume.shape[1:])} and a class 1..{len(names)} ({names})")
+
+    def class_mask(predictor: ClassPredictor) -> np.ndarray:
         mask = np.zeros((slices.depth, height, width), dtype=bool)
-        for n, click in enumerate(clicks.get(class_index, ())):
-            if len(click) != 3 or any(not 0 <= v <= size - 1 for v, size in zip(click, volume.shape[1:])):
-                raise ValueError(f"click {n + 1} of {names[class_index - 1]!r} is {list(click)}; expected [i, j, k] "
-                                 f"inside the volume {tuple(volume.shape[1:])}")
+        for click in clicks.get(predictor.class_index, ()):
             k, row, col = (int(round(click[a])) for a in (axis, rows, cols))
             seed = structure_under_click(predictor(k, (0.0, 0.0, width - 1.0, height - 1.0)), row, col)
             if seed.any():
                 mask |= propagate_structure(predictor, slices.depth, slices.shape, {k: seed}, margin=margin, stop=stop)
-        scores.append(_class_scores(mask, predictor))
-    return _from_slices_first(_labels_from_scores(scores), axis)
+        return mask
+
+    return _from_slices_first(label_map(slices, class_mask), axis)
 
 
 def box_around_structure(mask: np.ndarray, jitter: float = 0.0, rng: np.random.Generator | None = None) -> list[float]:
@@ -290,7 +302,7 @@ def box_around_structure(mask: np.ndarray, jitter: float = 0.0, rng: np.random.G
     return [*np.minimum(low, high).tolist(), *np.maximum(low, high).tolist()]
 
 
-__all__ = ["SliceEmbeddings", "ClassPredictor", "segment_volume_from_boxes", "segment_volume_from_labelled_slices",
+__all__ = ["SliceEmbeddings", "ClassPredictor", "label_map", "segment_volume_from_boxes", "segment_volume_from_labelled_slices",
            "segment_volume_from_clicks", "structure_under_click", "parse_request", "segment_volume_from_request",
            "box_around_structure", "check_boxes_3d", "DEFAULT_MARGIN", "DEFAULT_STOP"]
 
