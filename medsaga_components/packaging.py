@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from medsaga_components.inference.model import model_info_path
 from medsaga_components.io.atomic import atomic_path
 
 REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "LICENSE", "large_files.yml", "docs/README.md")
@@ -73,6 +74,7 @@ def package_bundle(bundle: str | Path, out: str | Path = "dist", model: str | Pa
             f"--bundle_root {root}")
     name, version = bundle_identity(root)
     configs = _packaged_configs(root, settings)
+    configs["metadata.json"] = _with_trained_classes(configs["metadata.json"], model_path)
     weights = plain_weights(root, configs["inference.json"], model_path)
 
     target = Path(out) / f"{name}_v{version}.zip"
@@ -89,6 +91,9 @@ def package_bundle(bundle: str | Path, out: str | Path = "dist", model: str | Pa
                         archive.write(path, f"{name}/{relative}")
             with archive.open(f"{name}/models/model.pt", "w", force_zip64=True) as stream:
                 torch.save(weights, stream)
+            info = model_info_path(model_path)
+            if info.is_file():  # what the weights were trained as: prompt kind, classes
+                archive.write(info, f"{name}/models/model.json")
     return target
 
 
@@ -102,7 +107,7 @@ def plain_weights(root: Path, inference_config: dict, model_path: Path) -> dict[
         state = read_state_dict(model_path)  # weights_only=True: plain tensors or an error
     except CheckpointError as exc:
         raise PackagingError(str(exc)) from exc
-    plain = _build(inference_config, "network_def", root)
+    plain = _build(inference_config, "network_def", root, model_path)
     hint = "(pass the settings it was trained with, e.g. --backbone, --image_size, --num_classes)"
     try:
         if set(state) - set(plain.state_dict()):
@@ -133,12 +138,28 @@ def _packaged_configs(root: Path, settings: dict[str, Any]) -> dict[str, dict]:
     return configs
 
 
-def _build(config: dict, key: str, root: Path) -> torch.nn.Module:
+def _build(config: dict, key: str, root: Path, model_path: Path) -> torch.nn.Module:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser(copy.deepcopy(config))  # the parser edits the dict it is given
+    parser.read_meta(str(root / "configs" / "metadata.json"))  # @_meta_, as monai.bundle run reads it
     parser["bundle_root"] = str(root)
+    parser["model_path"] = str(model_path)  # its model.json names the classes
     return parser.get_parsed_content(key, instantiate=True)
+
+
+def _with_trained_classes(metadata: dict, model_path: Path) -> dict:
+    """``metadata`` whose first output's ``channel_def`` and ``num_channels`` name the classes the
+    model was trained on (``models/model.json``), so that a downloaded bundle serves them."""
+    from medsaga_components.inference.model import read_model_info
+
+    names = read_model_info(model_path).get("class_names")
+    if not names:
+        return metadata
+    output = next(iter(metadata["network_data_format"]["outputs"].values()))
+    output["channel_def"] = {"0": "background", **{str(i): name for i, name in enumerate(names, start=1)}}
+    output["num_channels"] = len(names) + 1
+    return metadata
 
 
 def _adapted_network(root: Path, inference_config: dict, plain: torch.nn.Module) -> torch.nn.Module:

@@ -75,8 +75,11 @@ def test_labelled_slices_come_back_exactly_as_drawn(network):
 
 def test_bad_prompts_are_errors_naming_the_structure_and_slice(network):
     image = volume()
-    with pytest.raises(ValueError, match=r"box 1 of 'pallidum' .* along axis 0; expected 0 <= low <= high <= 39"):
+    with pytest.raises(ValueError, match=r"box 1 of 'pallidum' .* lies outside the volume \(40, 30, 12\) along axis 0 "
+                                         r"\(5..45; expected 0..39\)"):
         segment_volume_from_boxes(network, image, 2, {1: [[5, 4, 3, 45, 18, 8]]}, class_names=["pallidum", "insula"])
+    with pytest.raises(ValueError, match=r"box 1 of '1' .* is reversed along axis 2 \(8 > 3\)"):
+        segment_volume_from_boxes(network, image, 2, {1: [[5, 4, 8, 20, 18, 3]]})
     with pytest.raises(ValueError, match=r"box 1 of '2' is \[1, 2, 3\]; expected \[i0, j0, k0, i1, j1, k1\]"):
         segment_volume_from_boxes(network, image, 2, {2: [[1, 2, 3]]})
     with pytest.raises(ValueError, match=r"boxes for class 3; expected 1..2"):

@@ -168,9 +168,12 @@ def check_boxes_3d(boxes: Mapping[int, Sequence[Sequence[float]]], spatial_shape
                 raise ValueError(f"{name} is {list(box)}; expected [i0, j0, k0, i1, j1, k1] voxel indices")
             low, high = box[:3], box[3:]
             for axis, (lo, hi, size) in enumerate(zip(low, high, spatial_shape)):
+                if lo > hi:
+                    raise ValueError(f"{name} {list(box)} is reversed along axis {axis} ({lo} > {hi}); expected "
+                                     f"[i0, j0, k0, i1, j1, k1] with low <= high")
                 if not 0 <= lo <= hi <= size - 1:
-                    raise ValueError(f"{name} {list(box)} spans {lo}..{hi} along axis {axis}; expected "
-                                     f"0 <= low <= high <= {size - 1} (the volume is {tuple(spatial_shape)})")
+                    raise ValueError(f"{name} {list(box)} lies outside the volume {tuple(spatial_shape)} along "
+                                     f"axis {axis} ({lo}..{hi}; expected 0..{size - 1})")
 
 
 @torch.no_grad()

@@ -32,7 +32,8 @@ class SaveBestPlainModel:
     def __call__(self, evaluator: Engine) -> None:
         if evaluator.state.best_metric_epoch == evaluator.state.epoch:
             save_plain_model(self.network, self.path)
-            write_model_info(self.network, self.path, self.class_names)
+            if hasattr(getattr(self.network, "module", self.network), "prompt"):  # a SamSegmenter
+                write_model_info(self.network, self.path, self.class_names)
             logger.info("saved %s (validation %s %.4f at epoch %d)", self.path, evaluator.state.key_metric_name
                         if hasattr(evaluator.state, "key_metric_name") else "key metric",
                         evaluator.state.best_metric, evaluator.state.epoch)
