@@ -4,7 +4,9 @@
 
 One process, one thread: every slice is encoded once (a shared ``SliceEmbeddings``) and each
 setting only re-runs the decoder, so the settings are compared on the same embeddings. Prints
-the mean Dice over the test slab of the 3-D box and the labelled-slice sources for each setting.
+the mean Dice over the test slab of the 3-D box and the labelled-slice sources for each setting
+(stop rule, margin, refinement of a box's seed slice, fronts or interpolated boxes between
+labelled slices).
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from medsaga_components.inference.volume import (
 
 STOP_RULES = {
     "vanishes": StopRule(min_pixels=1),
-    "shrinks below 0.3": StopRule(min_pixels=1, min_area_ratio=0.3),
-    "overlap below 0.2": StopRule(min_pixels=1, min_overlap=0.2),
-    "under 10 pixels": StopRule(min_pixels=10),
+    "overlap below 0.5": StopRule(min_pixels=1, min_overlap=0.5),
+    "overlap below 0.3": StopRule(min_pixels=1, min_overlap=0.3),
+    "shrinks below 0.5": StopRule(min_pixels=1, min_area_ratio=0.5),
 }
-MARGINS = (0.05, 0.1, 0.2)
+MARGINS = (0.0, 0.05, 0.1)
+REFINE_SEED = (0, 1)
+BETWEEN = ("fronts", "interpolate")
 
 
 def main() -> None:
@@ -68,14 +72,18 @@ def main() -> None:
         return evaluate_volume(prediction[..., test], label[..., test], names)["mean_dice"]
 
     print(f"{args.task}, model {args.model}, test z {test[0]}..{test[-1]}, labelled {labelled}")
-    print("| stop rule | margin | 3-D box | labelled slices | seconds |")
-    print("|---|---:|---:|---:|---:|")
+    print("| stop rule | margin | 3-D box, seed as given / refined once | labelled slices, fronts / interpolated boxes |"
+          " seconds |")
+    print("|---|---:|---|---|---:|")
     for (rule, stop), margin in itertools.product(STOP_RULES.items(), MARGINS):
         start = time.monotonic()
-        from_box = score(segment_volume_from_boxes(network, volume, 2, boxes, margin=margin, stop=stop, slices=slices))
-        from_slices = score(segment_volume_from_labelled_slices(network, volume, 2, partial, labelled, margin=margin,
-                                                                stop=stop, num_classes=n, slices=slices))
-        print(f"| {rule} | {margin} | {from_box:.3f} | {from_slices:.3f} | {time.monotonic() - start:.0f} |", flush=True)
+        from_box = [score(segment_volume_from_boxes(network, volume, 2, boxes, margin=margin, stop=stop, slices=slices,
+                                                    refine_seed=refine)) for refine in REFINE_SEED]
+        from_slices = [score(segment_volume_from_labelled_slices(network, volume, 2, partial, labelled, margin=margin,
+                                                                 stop=stop, num_classes=n, slices=slices,
+                                                                 between=between)) for between in BETWEEN]
+        print(f"| {rule} | {margin} | {' / '.join(f'{d:.3f}' for d in from_box)} | "
+              f"{' / '.join(f'{d:.3f}' for d in from_slices)} | {time.monotonic() - start:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

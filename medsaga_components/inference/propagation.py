@@ -118,9 +118,13 @@ def union_box(a: Box, b: Box) -> Box:
     return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
 
 
+BETWEEN_SEEDS = ("fronts", "interpolate")
+
+
 def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], seeds: Mapping[int, np.ndarray], *,
                         k_range: tuple[int, int] | None = None, limits: Box | None = None, margin: float = 0.1,
-                        stop: StopRule = StopRule(), empty_slices: Collection[int] = ()) -> np.ndarray:
+                        stop: StopRule = StopRule(), empty_slices: Collection[int] = (),
+                        between: str = "fronts") -> np.ndarray:
     """Bool ``[D, H, W]`` mask of ONE structure, propagated from its seed slices.
 
     - ``seeds``: ``{slice index: bool [H, W] mask}``, each non-empty: those slices are copied into
@@ -133,6 +137,9 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
     - Beyond the outermost seeds, propagation goes outwards, each slice prompted by
       ``box_of(previous mask, margin, limits)``; it stops by ``stop``, at the volume's edge, at
       the end of ``k_range`` (inclusive) or before an empty slice, whichever comes first.
+    - ``between="interpolate"``: instead of the two fronts, each slice between two seeds is prompted
+      by the box interpolated linearly between the seeds' boxes (grown by ``margin``), so that an
+      error on one slice does not carry to the next.
     - ``empty_slices``: slices the user labelled as not holding the structure. They are never
       predicted and stay empty, and propagation never crosses them: a gap between two seeds that
       holds one is filled like two outward propagations (with ``stop``) up to it.
@@ -143,6 +150,8 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
     ``0..D-1`` or ``k_range``, a seed of the wrong shape, an empty seed, a seed wholly outside
     ``limits``, a seed also in ``empty_slices``, a ``limits`` box reversed or outside the slice.
     """
+    if between not in BETWEEN_SEEDS:
+        raise ValueError(f"between is {between!r}; expected one of {BETWEEN_SEEDS}")
     shape = _check_shape(shape)
     low, high = _check_k_range(k_range, depth)
     if limits is not None:
@@ -165,6 +174,8 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
         if walls:
             _propagate_outward(segment, volume, a, min(walls) - 1, margin, limits, stop)
             _propagate_outward(segment, volume, b, max(walls) + 1, margin, limits, stop)
+        elif between == "interpolate":
+            _interpolate_gap(segment, volume, a, b, margin, limits)
         else:
             _fill_gap(segment, volume, a, b, margin, limits)
     _propagate_outward(segment, volume, order[-1], min(above, high), margin, limits, stop)
@@ -172,7 +183,8 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
 
 
 def propagate_from_box(predict: Predict, depth: int, shape: tuple[int, int], box: Box, k0: int, k1: int, *,
-                       margin: float = 0.1, stop: StopRule = StopRule(), seed_slice: int | None = None) -> np.ndarray:
+                       margin: float = 0.1, stop: StopRule = StopRule(), seed_slice: int | None = None,
+                       refine_seed: int = 0) -> np.ndarray:
     """Bool ``[D, H, W]`` mask of the ONE structure inside a user's 3-D box (``box`` on slices ``k0..k1``).
 
     The seed is ``predict(seed_slice, box)`` on the middle slice (``(k0 + k1) // 2`` unless given),
@@ -180,6 +192,8 @@ def propagate_from_box(predict: Predict, depth: int, shape: tuple[int, int], box
     ``limits=box``, so no voxel lies outside the 3-D box. When that prediction is empty, the other
     slices of the box are tried outward from it, nearest first (below before above at equal
     distance), and the first non-empty prediction seeds; all empty gives an all-False volume.
+    ``refine_seed``: the seed slice is asked again that many times, each time with the box of its
+    last prediction (grown by ``margin``), as a user's loose box is tightened around what it holds.
 
     Raises ValueError naming the box and the volume size for a box reversed (``x0 > x1``,
     ``y0 > y1`` or ``k0 > k1``) or not inside the volume, or a ``seed_slice`` outside ``k0..k1``.
@@ -198,6 +212,10 @@ def propagate_from_box(predict: Predict, depth: int, shape: tuple[int, int], box
     segment = _checked_predict(predict, shape, box)
     for k in _outward_from(middle, k0, k1):
         seed = segment(k, box)
+        for _ in range(refine_seed):
+            tighter = box_of(seed, margin, box)
+            refined = segment(k, tighter) if tighter is not None else seed
+            seed = refined if refined.any() else seed
         if seed.any():
             return propagate_structure(predict, depth, shape, {k: seed}, k_range=(k0, k1), limits=box,
                                        margin=margin, stop=stop)
@@ -299,6 +317,21 @@ def _fill_gap(segment: Predict, volume: np.ndarray, a: int, b: int, margin: floa
     upper_box = _front(segment, volume, b, middle, margin, limits)
     if a < middle < b:
         volume[middle] = segment(middle, union_box(lower_box, upper_box))
+
+
+def _interpolate_gap(segment: Predict, volume: np.ndarray, a: int, b: int, margin: float,
+                     limits: Box | None) -> None:
+    """Fill slices ``a+1..b-1``, each from the box interpolated between the seeds' boxes on ``a`` and ``b``."""
+    first, last = box_of(volume[a]), box_of(volume[b])
+    height, width = volume.shape[1:]
+    for k in range(a + 1, b):
+        t = (k - a) / (b - a)
+        x0, y0, x1, y1 = ((1 - t) * u + t * v for u, v in zip(first, last))
+        dx, dy = margin * (x1 - x0 + 1), margin * (y1 - y0 + 1)
+        box = (max(x0 - dx, 0.0), max(y0 - dy, 0.0), min(x1 + dx, width - 1.0), min(y1 + dy, height - 1.0))
+        if limits is not None:
+            box = (max(box[0], limits[0]), max(box[1], limits[1]), min(box[2], limits[2]), min(box[3], limits[3]))
+        volume[k] = segment(k, box)
 
 
 def _front(segment: Predict, volume: np.ndarray, start: int, middle: int, margin: float, limits: Box | None) -> Box:

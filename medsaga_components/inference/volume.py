@@ -42,6 +42,8 @@ from medsaga_components.network import SamSegmenter
 # this share of its side on each side, and propagation beyond the seeds stops where the prediction vanishes.
 DEFAULT_MARGIN = 0.1
 DEFAULT_STOP = StopRule(min_pixels=1)
+DEFAULT_REFINE_SEED = 0
+DEFAULT_BETWEEN = "fronts"
 
 
 class SliceEmbeddings:
@@ -180,7 +182,8 @@ def check_boxes_3d(boxes: Mapping[int, Sequence[Sequence[float]]], spatial_shape
 def segment_volume_from_boxes(network: nn.Module, volume: torch.Tensor, axis: int,
                               boxes: Mapping[int, Sequence[Sequence[float]]], class_names: Sequence[str] | None = None,
                               modality: str | None = None, margin: float = DEFAULT_MARGIN,
-                              stop: StopRule = DEFAULT_STOP, slices: SliceEmbeddings | None = None) -> np.ndarray:
+                              stop: StopRule = DEFAULT_STOP, slices: SliceEmbeddings | None = None,
+                              refine_seed: int = DEFAULT_REFINE_SEED) -> np.ndarray:
     """uint8 ``[X, Y, Z]`` label map from one 3-D box per structure.
 
     ``boxes``: ``{class index 1..N: [[i0, j0, k0, i1, j1, k1], ...]}`` (inclusive voxel corners, one
@@ -196,7 +199,8 @@ def segment_volume_from_boxes(network: nn.Module, volume: torch.Tensor, axis: in
         for box in boxes.get(predictor.class_index, ()):
             box2d = (float(box[cols]), float(box[rows]), float(box[3 + cols]), float(box[3 + rows]))
             mask |= propagate_from_box(predictor, slices.depth, slices.shape, box2d, int(round(box[axis])),
-                                       int(round(box[3 + axis])), margin=margin, stop=stop)
+                                       int(round(box[3 + axis])), margin=margin, stop=stop,
+                                       refine_seed=refine_seed)
         return mask
 
     return _from_slices_first(label_map(slices, class_mask), axis)
@@ -206,8 +210,8 @@ def segment_volume_from_boxes(network: nn.Module, volume: torch.Tensor, axis: in
 def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor, axis: int, label: np.ndarray,
                                         labelled: Sequence[int] | None = None, modality: str | None = None,
                                         margin: float = DEFAULT_MARGIN, stop: StopRule = DEFAULT_STOP,
-                                        num_classes: int | None = None,
-                                        slices: SliceEmbeddings | None = None) -> np.ndarray:
+                                        num_classes: int | None = None, slices: SliceEmbeddings | None = None,
+                                        between: str = DEFAULT_BETWEEN) -> np.ndarray:
     """uint8 ``[X, Y, Z]`` label map completed from a user's labelled slices.
 
     ``label``: ``[X, Y, Z]`` class indices 0..N, meaningful on the labelled slices only;
@@ -236,7 +240,8 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
         drawn = {int(k): by_slice[k] == predictor.class_index for k in labelled}
         if not any(mask.any() for mask in drawn.values()):
             return np.zeros(by_slice.shape, dtype=bool)
-        return propagate_labelled(predictor, slices.depth, slices.shape, drawn, margin=margin, stop=stop)
+        return propagate_labelled(predictor, slices.depth, slices.shape, drawn, margin=margin, stop=stop,
+                                  between=between)
 
     labels = label_map(slices, class_mask)
     labels[list(labelled)] = by_slice[list(labelled)]  # the user's slices as drawn
