@@ -287,3 +287,33 @@ def test_box_seeds_from_the_nearest_non_empty_slice():
     result = propagate_from_box(predict, D, SHAPE, box, 5, 27)
     assert predict.calls[:2] == [(16, box), (15, box)]
     assert np.array_equal(result, SPHERE)
+
+
+def test_interpolated_boxes_prompt_each_gap_slice_independently_of_its_neighbours():
+    """Between seeds on 4 and 12 of the slanted tube, ``between="interpolate"`` prompts slice k by
+    the seeds' boxes interpolated at k (no front carries an error on), and the leaky predictor
+    (which fills its box) shows the boxes themselves."""
+    tube = slanted_tube()
+    predict = leaky()
+    seeds = {4: tube[4], 12: tube[12]}
+    result = propagate_structure(predict, D, SHAPE, seeds, margin=0.0, between="interpolate",
+                                 stop=StopRule(min_pixels=10**6))  # nothing beyond the seeds
+    first, last = box_of(tube[4]), box_of(tube[12])
+    for k in range(5, 12):
+        t = (k - 4) / 8
+        expected = tuple((1 - t) * u + t * v for u, v in zip(first, last))
+        np.testing.assert_allclose(predict.box_on(k), expected)
+        assert result[k].any()
+    assert np.array_equal(result[4], tube[4]) and np.array_equal(result[12], tube[12])
+    with pytest.raises(ValueError, match="between is 'middle'; expected one of"):
+        propagate_structure(predict, D, SHAPE, seeds, between="middle")
+
+
+def test_a_loose_boxs_seed_is_tightened_around_what_it_holds():
+    """With ``refine_seed=1`` the middle slice is asked again with the box of its first answer: the
+    oracle's answer inside a loose box is the cross-section, so the second ask is the tight box."""
+    predict = oracle()
+    loose = (2.0, 2.0, 37.0, 37.0)
+    propagate_from_box(predict, D, SHAPE, loose, 6, 26, margin=0.0, refine_seed=1)
+    middle_asks = [box for k, box in predict.calls if k == 16]
+    assert middle_asks[0] == loose and middle_asks[1] == box_of(SPHERE[16])
