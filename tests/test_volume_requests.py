@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -164,3 +165,48 @@ def test_inference_refuses_what_training_refuses_naming_the_file(damage, message
         workflow.initialize()
     assert "bad.nii.gz" in messages(error.value) and re.search(message, messages(error.value)), messages(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_your_own_classes_travel_with_the_model_to_inference_monai_label_and_the_zip(tmp_path):
+    """Train box-mode medsaga on a dataset with three classes of its own, then serve it through
+    run inference, the MONAI Label app and ``medsaga package`` without overriding num_classes or
+    the labels: all read them from ``models/model.json``."""
+    import subprocess
+    import zipfile
+
+    from bundle_runs import TINY_TRAINING, configs, run_bundle
+
+    data = write_dataset(tmp_path / "data", n_training=2, n_validation=1, n_test=1).parent
+    description = json.loads((data / "dataset.json").read_text())
+    description["labels"]["3"] = "cyst"
+    (data / "dataset.json").write_text(json.dumps(description))
+    for label in data.glob("labels*/*.nii.gz"):
+        image = nib.load(str(label))
+        array = np.asarray(image.dataobj).copy()
+        array[30:36, 20:28, 6:16] = 3
+        nib.save(nib.Nifti1Image(array, image.affine), str(label))
+    root = tmp_path / "bundles" / "medsaga"
+    shutil.copytree(REPO / "bundles" / "medsaga", root, ignore=shutil.ignore_patterns("models", "eval", "data"))
+    run_bundle("training", configs("medsaga", "train", "boxes"), "--bundle_root", str(root), "--dataset_dir", str(data),
+               *TINY_TRAINING)
+    info = json.loads((root / "models" / "model.json").read_text())
+    assert info["class_names"] == ["ring", "blob", "cyst"] and info["prompt_kind"] == "mcp"
+
+    run_bundle("inference", str([str(root / "configs" / "inference.json"), str(root / "configs" / "inference_boxes.json")]),
+               "--bundle_root", str(root), "--dataset_dir", str(data), "--backbone", "lite_medsam_tiny",
+               "--image_size", "64")
+    assert (root / "eval" / "inference" / "case0_seg.nii.gz").is_file()
+    served = discover_bundles(root.parent, OVERRIDES)["medsaga"]
+    assert served.box_mode and served.labels == {"ring": 1, "blob": 2, "cyst": 3}
+    medsaga = shutil.which("medsaga") or str(Path(sys.executable).parent / "medsaga")
+    done = subprocess.run([medsaga, "package", "--bundle", str(root), "--out", str(tmp_path / "dist"), "--backbone",
+                           "lite_medsam_tiny", "--image_size", "64"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / "dist" / "medsaga_v0.1.0.zip") as archive:
+        metadata = json.loads(archive.read("medsaga/configs/metadata.json"))
+        assert json.loads(archive.read("medsaga/models/model.json"))["class_names"] == ["ring", "blob", "cyst"]
+        inference = json.loads(archive.read("medsaga/configs/inference.json"))
+    assert inference["network_def"]["_target_"].endswith("TwoPassBoxSegmenter"), "the zip serves the box-mode model"
+    output = metadata["network_data_format"]["outputs"]["pred"]
+    assert output["channel_def"] == {"0": "background", "1": "ring", "2": "blob", "3": "cyst"}
+    assert output["num_channels"] == 4
