@@ -39,7 +39,7 @@ STOP_RULES = {
     "overlap below 0.3": StopRule(min_pixels=1, min_overlap=0.3),
     "shrinks below 0.5": StopRule(min_pixels=1, min_area_ratio=0.5),
 }
-MARGINS = (0.0, 0.05, 0.1)
+MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3)
 REFINE_SEED = (0, 1)
 BETWEEN = ("fronts", "interpolate")
 
@@ -48,7 +48,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--task", default=SMALL_STRUCTURES)
     parser.add_argument("--model", default="zero_shot")
+    parser.add_argument("--margins", default=",".join(map(str, MARGINS)), help="comma-separated")
+    parser.add_argument("--refine_seed", default=",".join(map(str, REFINE_SEED)), help="comma-separated")
     args = parser.parse_args()
+    margins = [float(m) for m in args.margins.split(",")]
+    refines = [int(r) for r in args.refine_seed.split(",")]
     torch.set_num_threads(1)
     names = list((SMALL_LABELS if args.task == SMALL_STRUCTURES else LABELS).values())
     n = len(names) - 1
@@ -72,13 +76,13 @@ def main() -> None:
         return evaluate_volume(prediction[..., test], label[..., test], names)["mean_dice"]
 
     print(f"{args.task}, model {args.model}, test z {test[0]}..{test[-1]}, labelled {labelled}")
-    print("| stop rule | margin | 3-D box, seed as given / refined once | labelled slices, fronts / interpolated boxes |"
-          " seconds |")
+    print(f"| stop rule | margin | 3-D box, seed refined {' / '.join(map(str, refines))} times | labelled slices, "
+          "fronts / interpolated boxes | seconds |")
     print("|---|---:|---|---|---:|")
-    for (rule, stop), margin in itertools.product(STOP_RULES.items(), MARGINS):
+    for margin, (rule, stop) in itertools.product(margins, STOP_RULES.items()):
         start = time.monotonic()
         from_box = [score(segment_volume_from_boxes(network, volume, 2, boxes, margin=margin, stop=stop, slices=slices,
-                                                    refine_seed=refine)) for refine in REFINE_SEED]
+                                                    refine_seed=refine)) for refine in refines]
         from_slices = [score(segment_volume_from_labelled_slices(network, volume, 2, partial, labelled, margin=margin,
                                                                  stop=stop, num_classes=n, slices=slices,
                                                                  between=between)) for between in BETWEEN]
