@@ -200,6 +200,7 @@ def evaluate_prompt_sources(network: nn.Module, image: torch.Tensor, label: np.n
                            "mean_hd95_mm": scored["mean_hd95_mm"],
                            "mean_nsd": float(np.mean(nsd_values)) if nsd_values else None,
                            "seconds": round(seconds, 1), "encoder_passes": len(slices.encoded),
+                           "encoder_seconds": round(slices.encoder_seconds, 1), "decoder_calls": slices.decoder_calls,
                            "oracle": source == ORACLE}
         dice = " / ".join(f"{c['dice']:.3f}" for c in per_class)
         log(f"{source}{' (oracle)' if source == ORACLE else ''}: mean Dice {scored['mean_dice']:.3f} ({dice}), "
@@ -209,15 +210,16 @@ def evaluate_prompt_sources(network: nn.Module, image: torch.Tensor, label: np.n
 
 def markdown_table(results: dict, prompts_note: str = "") -> str:
     """One row per source: per-class Dice, mean Dice, NSD, HD95, seconds, slices encoded."""
-    lines = ["| prompts | per-class Dice | mean Dice | mean NSD (2 mm) | mean HD95 (mm) | seconds | slices encoded |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| prompts | per-class Dice | mean Dice | mean NSD (2 mm) | mean HD95 (mm) | seconds | slices encoded | "
+             "time / encoder time |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for source, r in results.items():
         name = f"{source} (oracle)" if r["oracle"] else source
         dice = " / ".join(f"{c['dice']:.3f}" for c in r["per_class"])
         nsd = "" if r["mean_nsd"] is None else f"{r['mean_nsd']:.3f}"
         hd95 = "" if r["mean_hd95_mm"] is None else f"{r['mean_hd95_mm']:.2f}"
+        ratio = f"{r['seconds'] / r['encoder_seconds']:.2f}" if r.get("encoder_seconds") else ""
         lines.append(f"| {name} | {dice} | {r['mean_dice']:.3f} | {nsd} | {hd95} | {r['seconds']:.0f} | "
-                     f"{r['encoder_passes']} |")
+                     f"{r['encoder_passes']} | {ratio} |")
     return "\n".join(lines) + ("\n\n" + prompts_note if prompts_note else "") + "\n"
 
 

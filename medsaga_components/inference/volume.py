@@ -19,6 +19,7 @@ slice's box is ``(x0, y0, x1, y1)`` with x the column (the second in-plane axis)
 
 from __future__ import annotations
 
+import time
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -75,6 +76,7 @@ class SliceEmbeddings:
         self.shape = (volume.shape[1 + rows], volume.shape[1 + cols])
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, object]] = {}
         self.decoder_calls = 0
+        self.encoder_seconds = 0.0  # time in the image encoder, against a request's whole time
 
     @property
     def encoded(self) -> list[int]:
@@ -86,8 +88,10 @@ class SliceEmbeddings:
             image = self.volume.select(1 + self.axis, k)  # [C, H, W]
             square, geometry = fit_to_square(image[None], self.module.image_size)
             square = square.to(self.device)
+            start = time.perf_counter()
             with torch.no_grad():
                 embedding = self.module.backbone.embed_images(square)
+            self.encoder_seconds += time.perf_counter() - start
             self._cache[k] = (square, embedding, geometry)
         return self._cache[k]
 
