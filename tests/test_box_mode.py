@@ -228,3 +228,23 @@ def test_the_memory_efficient_mode_recomputes_each_box_pass_with_the_same_gradie
     assert kept.keys() == recomputed.keys() and any("mask_decoder" in n for n in kept)
     for name in kept:
         torch.testing.assert_close(recomputed[name], kept[name], msg=name)
+
+
+def test_absent_classes_are_asked_with_random_boxes_when_training_says_so(tmp_path):
+    """``absent_box_prob``: a class absent from an image is asked anyway (present, a box inside
+    the image), so the model learns to answer "nothing here"; validation never does it."""
+    labels = torch.zeros(4, 1, 40, 50, dtype=torch.long)
+    labels[:, :, 5:15, 5:20] = 1  # class 2 absent everywhere
+    batch = {"label": labels, "volume": ["imagesTr/case0.nii.gz"] * 4}
+    dataset_json = tmp_path / "dataset.json"
+    dataset_json.write_text(json.dumps({"modality": {"0": "MRI"}, "training": [{"image": "imagesTr/case0.nii.gz"}]}))
+    asked = McpPrepareBatch(2, dataset_json, boxes="labels", seed=0, absent_box_prob=1.0).prompts(batch)
+    assert asked["present"][:, 1].all() and asked["present"][:, 0].all()
+    x0, y0, x1, y1 = asked["boxes"][:, 1].unbind(-1)
+    assert ((x0 >= 0) & (x1 <= 49) & (y0 >= 0) & (y1 <= 39) & (x1 > x0) & (y1 > y0)).all()
+    plain = McpPrepareBatch(2, dataset_json, boxes="labels", seed=0).prompts(batch)
+    assert not plain["present"][:, 1].any()
+    validation = McpPrepareBatch(2, dataset_json, boxes="labels", absent_box_prob=1.0).prompts(batch)
+    assert not validation["present"][:, 1].any(), "without a seed (validation, test) nothing absent is asked"
+    with pytest.raises(ValueError, match="absent_box_prob must be in"):
+        McpPrepareBatch(2, dataset_json, seed=0, absent_box_prob=2.0)

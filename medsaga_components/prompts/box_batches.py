@@ -47,11 +47,16 @@ class McpPrepareBatch:
         per_structure: a box per structure of a class (``[B, N, K, 4]``, see
             ``prompts.from_labels.boxes_from_labels``), as a user boxes the left and the right
             structure of a class that merges both; a whole-image box replaces all of them.
+        absent_box_prob: per image and class absent from it, the chance that it is still asked,
+            with a random box (5 to 30 % of the image's side), and must answer "nothing here"
+            (training; needs ``seed``). Propagation through a volume stops only where the model
+            says a structure has ended; a model that only ever saw boxes around its structure
+            keeps answering (docs/prompted_volumes.md). This project's addition.
     """
 
     def __init__(self, num_classes: int, dataset_json: str, modalities: Sequence[str] | None = None,
                  boxes: str = "labels", jitter: float = 0.0, whole_image_prob: float = 0.0,
-                 seed: int | None = None, per_structure: bool = False) -> None:
+                 seed: int | None = None, per_structure: bool = False, absent_box_prob: float = 0.0) -> None:
         if boxes not in BOX_SOURCES:
             raise ValueError(f"boxes must be one of {BOX_SOURCES}, got {boxes!r}")
         if not 0.0 <= float(whole_image_prob) <= 1.0:
@@ -61,6 +66,9 @@ class McpPrepareBatch:
         self.dataset_json = str(dataset_json)
         self.boxes = boxes
         self.whole_image_prob = float(whole_image_prob) if seed is not None else 0.0
+        if not 0.0 <= float(absent_box_prob) <= 1.0:
+            raise ValueError(f"absent_box_prob must be in [0, 1], got {absent_box_prob!r}")
+        self.absent_box_prob = float(absent_box_prob) if seed is not None else 0.0
         self.from_labels = PromptsFromLabels("boxes", self.num_classes, jitter=jitter, seed=seed,
                                              per_structure=per_structure)
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed) + 1)
@@ -95,8 +103,31 @@ class McpPrepareBatch:
                     present = present & ~(whole[..., None] & (torch.arange(boxes.shape[2]) > 0))
                 else:
                     boxes = torch.where((whole & present)[..., None], full, boxes)
+            if self.absent_box_prob > 0:
+                boxes, present = self._ask_absent(boxes, present, *labels.shape[-2:])
             prompts.update(boxes=boxes, present=present)
         return prompts
+
+    def _ask_absent(self, boxes: torch.Tensor, present: torch.Tensor, height: int,
+                    width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Give a share of the absent classes a random box and mark them asked (``absent_box_prob``)."""
+        absent = ~(present.any(dim=-1) if present.ndim == 3 else present)  # [B, N]
+        ask = absent & (torch.rand(absent.shape, generator=self.generator) < self.absent_box_prob)
+        if not bool(ask.any()):
+            return boxes, present
+        b, n = absent.shape
+        side = torch.rand(b, n, 2, generator=self.generator) * 0.25 + 0.05  # of the image's (w, h)
+        size = side * torch.tensor([width - 1.0, height - 1.0])
+        corner = torch.rand(b, n, 2, generator=self.generator) * (torch.tensor([width - 1.0, height - 1.0]) - size)
+        random_boxes = torch.cat([corner, corner + size], dim=-1)  # [B, N, 4]
+        boxes, present = boxes.clone(), present.clone()
+        if boxes.ndim == 4:  # per structure: the first slot asks
+            boxes[:, :, 0] = torch.where(ask[..., None], random_boxes, boxes[:, :, 0])
+            present[:, :, 0] |= ask
+        else:
+            boxes = torch.where(ask[..., None], random_boxes, boxes)
+            present = present | ask
+        return boxes, present
 
     def __call__(self, batchdata: Mapping[str, Any], device: str | torch.device | None = None,
                  non_blocking: bool = False, **kwargs: Any):
