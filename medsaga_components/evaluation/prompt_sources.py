@@ -240,7 +240,8 @@ def demo_labelled_slices(task: str, shots: int = 5, dataset_dir: str | None = No
 
 
 def prompt_sources_command(task: str = "small_structures", model: str = "zero_shot", out: str = "prompt_sources",
-                           shots: int = 5, sources: str = ",".join(PROMPT_SOURCES + BASELINES), jitter: float = 0.05,
+                           shots: int = 5, sources: str | Sequence[str] = PROMPT_SOURCES + BASELINES,
+                           jitter: float = 0.05,
                            seed: int = 0, backbone: str = "lite_medsam", image_size: int = 256,
                            per_structure: bool = True, threads: int | None = None) -> dict:
     """``medsaga prompt-sources``: every prompt source side by side on a demo task's test slab.
@@ -274,7 +275,8 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
                                                        modality_prompt=False, content_prompt=False,
                                                        per_structure=per_structure), model)
     network = network.eval()
-    wanted = [s.strip() for s in sources.split(",") if s.strip()]
+    # fire hands "a,b" over as a tuple; a string may come from Python
+    wanted = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources) if s.strip()]
     if model == "zero_shot":
         wanted = [s for s in wanted if s != "none"]  # no class tokens: nothing to ask without a prompt
     labelled = demo_labelled_slices(task, shots)
