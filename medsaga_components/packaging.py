@@ -25,14 +25,13 @@ from typing import Any
 
 import torch
 
-from medsaga_components.inference.model import model_info_path
+from medsaga_components.inference.model import BOX_MODE_FRAGMENT, model_info_path, trained_with_boxes
 from medsaga_components.io.atomic import atomic_path
 
 REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "LICENSE", "large_files.yml", "docs/README.md")
 # What a standard bundle ships besides models/model.pt; data/, eval/, runs/ and training
 # checkpoints stay out.
 PACKAGED = ("configs", "docs", "LICENSE", "large_files.yml")
-BOX_MODE_FRAGMENT = "inference_boxes.json"  # the configs that serve a model trained with configs/boxes.json
 
 
 class PackagingError(RuntimeError):
@@ -76,7 +75,7 @@ def package_bundle(bundle: str | Path, out: str | Path = "dist", model: str | Pa
     name, version = bundle_identity(root)
     configs = _packaged_configs(root, settings)
     configs["metadata.json"] = _with_trained_classes(configs["metadata.json"], model_path)
-    if _trained_with_boxes(model_path) and BOX_MODE_FRAGMENT in configs:
+    if trained_with_boxes(model_path) and BOX_MODE_FRAGMENT in configs:
         # the zip's inference.json serves the box-mode model as it was trained (no fragment to add)
         configs["inference.json"].update(configs[BOX_MODE_FRAGMENT])
     weights = plain_weights(root, configs["inference.json"], model_path)
@@ -150,15 +149,6 @@ def _build(config: dict, key: str, root: Path, model_path: Path) -> torch.nn.Mod
     parser["bundle_root"] = str(root)
     parser["model_path"] = str(model_path)  # its model.json names the classes
     return parser.get_parsed_content(key, instantiate=True)
-
-
-def _trained_with_boxes(model_path: Path) -> bool:
-    """Whether ``models/model.json`` says the model takes boxes (``configs/boxes.json`` training)."""
-    from medsaga_components.inference.model import read_model_info
-    from medsaga_components.prompts import user_input_of
-
-    kind = read_model_info(model_path).get("prompt_kind")
-    return kind is not None and user_input_of(kind) == "boxes"
 
 
 def _with_trained_classes(metadata: dict, model_path: Path) -> dict:

@@ -27,12 +27,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from monai.metrics import compute_surface_dice
-from scipy import ndimage
 from torch import nn
 
 from medsaga_components.evaluation.metrics import evaluate_volume
 from medsaga_components.inference.prompted import in_plane_axes
-from medsaga_components.inference.two_pass import TwoPassInferer
+from medsaga_components.inference.slices import SquareSliceInferer
 from medsaga_components.inference.volume import (
     ClassPredictor,
     SliceEmbeddings,
@@ -42,27 +41,18 @@ from medsaga_components.inference.volume import (
     segment_volume_from_clicks,
     segment_volume_from_labelled_slices,
 )
-from medsaga_components.prompts.from_labels import structure_masks
+from medsaga_components.prompts.from_labels import deepest_points, structure_masks
 
 PROMPT_SOURCES = ("box_3d", "labelled_slices", "click", "oracle_slice_boxes", "none")
 BASELINES = ("copy_nearest", "copy_box")
 ORACLE = "oracle_slice_boxes"
-MAX_STRUCTURES = 2  # per class: the demo classes merge a left and a right structure
-
-
-def structures_3d(label: np.ndarray, class_index: int, max_structures: int = MAX_STRUCTURES) -> list[np.ndarray]:
-    """The largest 3-D connected pieces of a class (26-connected), largest first."""
-    pieces, count = ndimage.label(label == class_index, structure=np.ones((3, 3, 3)))
-    if count == 0:
-        return []
-    sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
-    return [pieces == i + 1 for i in np.argsort(-sizes, kind="stable")[:max_structures]]
+MAX_STRUCTURES = 2  # 3-D structures per class: the demo classes merge a left and a right one
 
 
 def user_boxes(label: np.ndarray, num_classes: int, jitter: float = 0.05, seed: int = 0) -> dict[int, list[list[float]]]:
     """One jittered 3-D box per structure, ``{class index: [[i0, j0, k0, i1, j1, k1], ...]}``."""
     rng = np.random.default_rng(seed)
-    return {c: [box_around_structure(s, jitter, rng) for s in structures_3d(label, c)] for c in range(1, num_classes + 1)
+    return {c: [box_around_structure(s, jitter, rng) for s in structure_masks(label == c, MAX_STRUCTURES)] for c in range(1, num_classes + 1)
             if (label == c).any()}
 
 
@@ -71,11 +61,10 @@ def user_clicks(label: np.ndarray, num_classes: int, axis: int) -> dict[int, lis
     from that cross-section's border (where a user clicks)."""
     clicks: dict[int, list[list[int]]] = {}
     for c in range(1, num_classes + 1):
-        for structure in structures_3d(label, c):
+        for structure in structure_masks(label == c, MAX_STRUCTURES):
             by_slice = np.moveaxis(structure, axis, 0)
             k = int(np.argmax(by_slice.reshape(by_slice.shape[0], -1).sum(axis=1)))
-            depth = ndimage.distance_transform_edt(np.pad(by_slice[k], 1))[1:-1, 1:-1]
-            row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+            (row, col), = deepest_points(by_slice[k], 1)
             rows, cols = in_plane_axes(axis)
             click = [0, 0, 0]
             click[axis], click[rows], click[cols] = k, int(row), int(col)
@@ -124,17 +113,13 @@ def _copy_box(slices: SliceEmbeddings, boxes: dict, axis: int, test: Sequence[in
 
 @torch.no_grad()
 def _box_free(network: nn.Module, image: torch.Tensor, axis: int, test: Sequence[int]) -> np.ndarray:
-    """Box-free two-pass inference of every test slice (a model trained with boxes)."""
-    from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
-
+    """The test slices segmented as ``run inference`` does without prompts (``SquareSliceInferer``;
+    a box-mode network finds its boxes in two passes)."""
     module = getattr(network, "module", network)
+    logits = SquareSliceInferer(module.image_size, axis, batch_size=1)(image.index_select(1 + axis, torch.tensor(test))[None],
+                                                                      network)
     out = np.zeros(image.shape[1:], dtype=np.uint8)
-    target = np.moveaxis(out, axis, 0)
-    two_pass = TwoPassInferer()
-    for k in test:
-        square, geometry = fit_to_square(image.select(1 + axis, k)[None].float(), module.image_size)
-        logits = two_pass(square, network)
-        target[k] = square_logits_to_slice(logits.float().cpu(), geometry)[0].argmax(0).numpy()
+    np.moveaxis(out, axis, 0)[list(test)] = np.moveaxis(logits[0].argmax(0).numpy().astype(np.uint8), axis, 0)
     return out
 
 

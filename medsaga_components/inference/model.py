@@ -4,6 +4,7 @@ MONAI Label and scripts use."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -77,8 +78,6 @@ def write_model_info(network: nn.Module, model_path: str | Path, class_names: Se
 
 def read_model_info(model_path: str | Path) -> dict:
     """``write_model_info``'s record, ``{}`` when there is none (a model saved by other means)."""
-    import json
-
     path = model_info_path(model_path)
     if not path.is_file():
         return {}
@@ -88,12 +87,23 @@ def read_model_info(model_path: str | Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
+# The configs that serve a model trained with configs/boxes.json, added on top of inference.json.
+BOX_MODE_FRAGMENT = "inference_boxes.json"
+
+
+def trained_with_boxes(model_path: str | Path) -> bool:
+    """Whether ``model.json`` says the weights take boxes (box-mode training, ``configs/boxes.json``):
+    they are then served through ``inference.json`` + ``BOX_MODE_FRAGMENT``."""
+    from medsaga_components.prompts import user_input_of
+
+    kind = read_model_info(model_path).get("prompt_kind")
+    return kind is not None and user_input_of(kind) == "boxes"
+
+
 def served_labels(model_path: str | Path, metadata: Mapping | str | Path) -> dict[str, int]:
     """``{class name: value}`` of the foreground classes a served model segments: the names
     training recorded in ``model.json``, else ``channel_def`` of the bundle's metadata (the
     ``metadata.json`` dict, as a bundle config's ``@_meta_``, or its path)."""
-    import json
-
     names = read_model_info(model_path).get("class_names")
     if names:
         return {str(name): value for value, name in enumerate(names, start=1)}

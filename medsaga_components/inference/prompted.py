@@ -242,6 +242,16 @@ class PromptedSliceInferer:
         return logits
 
 
+def label_value(key: Any, labels: Mapping[str, int]) -> int:
+    """The class value a request names by ``key``: a label name of ``labels`` (``{name: value}``), or
+    a value itself; anything else is an error naming it and the labels."""
+    if str(key) in labels:
+        return int(labels[str(key)])
+    if str(key).isdigit() and int(key) in labels.values():
+        return int(key)
+    raise ValueError(f"prompt for unknown label {key!r}; labels are {dict(labels)}")
+
+
 def prompts_from_request(request: Mapping[str, Any], labels: Mapping[str, int], prompt_input: str) -> dict[int, Any]:
     """MONAI Label's request prompts as ``{class index: ...}``.
 
@@ -249,20 +259,13 @@ def prompts_from_request(request: Mapping[str, Any], labels: Mapping[str, int], 
     boxes: ``request["boxes"] = {label name: [i0, j0, k0, i1, j1, k1]}``, or a list of such boxes
     per label (one per structure). Class indices are accepted in place of names.
     """
-    def index_of(key: Any) -> int:
-        if str(key) in labels:
-            return labels[str(key)]
-        if str(key).isdigit() and int(key) in labels.values():
-            return int(key)
-        raise ValueError(f"prompt for unknown label {key!r}; labels are {dict(labels)}")
-
     if prompt_input == "boxes":
         boxes = request.get("boxes") or {}
         if not isinstance(boxes, Mapping):
             raise ValueError(f"'boxes' must be {{label: [i0, j0, k0, i1, j1, k1]}}, got {boxes!r}")
-        return {index_of(k): v for k, v in boxes.items()}
+        return {label_value(k, labels): v for k, v in boxes.items()}
     return {labels[name]: request[name] for name in labels if request.get(name)}
 
 
 __all__ = ["segment_slice", "segment_slice_with_boxes", "segment_slice_with_points", "per_class_prompts",
-           "prompt_tensors", "PromptedSliceInferer", "prompts_from_request", "in_plane_axes"]
+           "prompt_tensors", "PromptedSliceInferer", "prompts_from_request", "label_value", "in_plane_axes"]

@@ -19,7 +19,9 @@ slice's box is ``(x0, y0, x1, y1)`` with x the column (the second in-plane axis)
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -35,7 +37,7 @@ from medsaga_components.inference.propagation import (
     propagate_labelled,
     propagate_structure,
 )
-from medsaga_components.inference.prompted import in_plane_axes, prompt_tensors
+from medsaga_components.inference.prompted import in_plane_axes, label_value, prompt_tensors
 from medsaga_components.inference.two_pass import unwrapped
 from medsaga_components.network import SamSegmenter
 
@@ -155,14 +157,6 @@ def label_map(slices: SliceEmbeddings, class_mask) -> np.ndarray:
     return _labels_from_scores(scores)
 
 
-def _to_slices_first(array: np.ndarray, axis: int) -> np.ndarray:
-    return np.moveaxis(array, axis, 0)
-
-
-def _from_slices_first(array: np.ndarray, axis: int) -> np.ndarray:
-    return np.moveaxis(array, 0, axis)
-
-
 def check_boxes_3d(boxes: Mapping[int, Sequence[Sequence[float]]], spatial_shape: Sequence[int],
                    class_names: Sequence[str]) -> None:
     """Refuse a 3-D box that is not ``[i0, j0, k0, i1, j1, k1]``, leaves the volume or is reversed,
@@ -209,7 +203,7 @@ def segment_volume_from_boxes(network: nn.Module, volume: torch.Tensor, axis: in
                                        refine_seed=refine_seed)
         return mask
 
-    return _from_slices_first(label_map(slices, class_mask), axis)
+    return np.moveaxis(label_map(slices, class_mask), 0, axis)
 
 
 @torch.no_grad()
@@ -233,7 +227,7 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
     undeclared = sorted(set(np.unique(label).tolist()) - set(range(n + 1)))
     if undeclared:
         raise ValueError(f"the labelled slices hold values {undeclared}; expected class indices 0..{n}")
-    by_slice = _to_slices_first(label, axis)
+    by_slice = np.moveaxis(label, axis, 0)
     if labelled is None:
         labelled = [int(k) for k in np.nonzero(by_slice.any(axis=(1, 2)))[0]]
     if not labelled:
@@ -251,7 +245,7 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
 
     labels = label_map(slices, class_mask)
     labels[list(labelled)] = by_slice[list(labelled)]  # the user's slices as drawn
-    return _from_slices_first(labels, axis)
+    return np.moveaxis(labels, 0, axis)
 
 
 def structure_under_click(mask: np.ndarray, row: int, col: int) -> np.ndarray:
@@ -297,7 +291,7 @@ def segment_volume_from_clicks(network: nn.Module, volume: torch.Tensor, axis: i
                 mask |= propagate_structure(predictor, slices.depth, slices.shape, {k: seed}, margin=margin, stop=stop)
         return mask
 
-    return _from_slices_first(label_map(slices, class_mask), axis)
+    return np.moveaxis(label_map(slices, class_mask), 0, axis)
 
 
 def box_around_structure(mask: np.ndarray, jitter: float = 0.0, rng: np.random.Generator | None = None) -> list[float]:
@@ -333,13 +327,6 @@ def parse_request(request: Mapping, labels: Mapping[str, int]) -> tuple[str, obj
       slices along the axis are the user's labelled slices.
 
     One source per request; label names (or their values) must be the model's."""
-    def class_index(key) -> int:
-        if str(key) in labels:
-            return int(labels[str(key)])
-        if str(key).isdigit() and int(key) in labels.values():
-            return int(key)
-        raise ValueError(f"prompt for unknown label {key!r}; labels are {dict(labels)}")
-
     if not isinstance(request, Mapping):
         raise ValueError(f"a request must be a JSON object ({{'boxes': ...}}, {{'label': ...}} or clicks by label "
                          f"name), got {type(request).__name__}")
@@ -352,10 +339,10 @@ def parse_request(request: Mapping, labels: Mapping[str, int]) -> tuple[str, obj
     if given[0] == "boxes":
         if not isinstance(request["boxes"], Mapping):
             raise ValueError(f"'boxes' must be {{label: [[i0, j0, k0, i1, j1, k1], ...]}}, got {request['boxes']!r}")
-        return "boxes", {class_index(k): _list_of(v, 6) for k, v in request["boxes"].items()}
+        return "boxes", {label_value(k, labels): _list_of(v, 6) for k, v in request["boxes"].items()}
     if given[0] == "label":
         return "label", request["label"]
-    return "clicks", {class_index(k): _list_of(v, 3) for k, v in clicks.items()}
+    return "clicks", {label_value(k, labels): _list_of(v, 3) for k, v in clicks.items()}
 
 
 def _list_of(value, width: int) -> list:
@@ -402,9 +389,6 @@ class VolumePrompts:
             raise ValueError(f"--prompts {path}: this bundle's model ({type(prompt).__name__}) takes "
                              f"{prompt.user_input or 'no prompts'}; volume requests need a box-prompted model "
                              "(mcp_medsam, or medsaga/samed trained with configs/boxes.json)")
-        import json
-        from pathlib import Path
-
         try:
             requests = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -422,8 +406,6 @@ class VolumePrompts:
                                  f"({sorted(known)[:5]}{'...' if len(known) > 5 else ''})")
 
     def request_for(self, image: torch.Tensor) -> Mapping | None:
-        from pathlib import Path
-
         meta = getattr(image, "meta", {}) or {}
         name = meta.get("filename_or_obj")
         name = name[0] if isinstance(name, (list, tuple)) else name

@@ -48,9 +48,9 @@ MAX_STRUCTURES = 4
 
 
 def structure_masks(mask: np.ndarray, max_structures: int = MAX_STRUCTURES) -> list[np.ndarray]:
-    """The 8-connected pieces of ``mask`` ``[H, W]`` (the left and right amygdala of a class
-    that merges both), largest first, at most ``max_structures``."""
-    pieces, count = connected_pieces(mask, structure=np.ones((3, 3)))
+    """The connected pieces of ``mask`` (``[H, W]``: 8-connected; ``[X, Y, Z]``: 26-connected), the
+    left and right amygdala of a class that merges both, largest first, at most ``max_structures``."""
+    pieces, count = connected_pieces(mask, structure=np.ones((3,) * mask.ndim))
     sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
     order = np.argsort(-sizes, kind="stable")[:max_structures]
     return [pieces == index + 1 for index in order]
@@ -134,7 +134,7 @@ def _structure_boxes(labels: torch.Tensor, num_classes: int, jitter: float,
     return boxes, present
 
 
-def _deepest_points(mask: np.ndarray, count: int) -> list[tuple[int, int]]:
+def deepest_points(mask: np.ndarray, count: int) -> list[tuple[int, int]]:
     """``count`` (row, col) pixels inside ``mask``: first the one farthest from the mask's
     border (the middle of the structure, where a user clicks), then each next one farthest
     from those chosen, weighted by its own depth (spread over the structure, away from edges)."""
@@ -159,7 +159,7 @@ def points_from_labels(labels: torch.Tensor, num_classes: int, points_per_class:
         num_classes: N.
         points_per_class: P.
         generator: None for deterministic points (the middle of the structure first, see
-            ``_deepest_points``: validation, test, prompts from a coarse prediction); a
+            ``deepest_points``: validation, test, prompts from a coarse prediction); a
             generator for points drawn uniformly among the class's pixels (training).
     Returns:
         ``points`` float ``[B, N, P, 2]`` (x, y), ``point_labels`` long ``[B, N, P]``: 1 inside,
@@ -177,7 +177,7 @@ def points_from_labels(labels: torch.Tensor, num_classes: int, points_per_class:
             if not bool(mask.any()):
                 continue
             if generator is None:
-                picked = torch.tensor(_deepest_points(mask.numpy(), points_per_class), dtype=torch.float32)
+                picked = torch.tensor(deepest_points(mask.numpy(), points_per_class), dtype=torch.float32)
             else:
                 inside = torch.nonzero(mask).float()  # [M, 2] (row, col)
                 picked = inside[torch.randint(len(inside), (points_per_class,), generator=generator)]

@@ -10,9 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
-# The prompt-free bundles' box-prompted mode: a model trained with configs/boxes.json is served
-# through inference.json + this fragment (and takes a user's boxes).
-BOX_MODE_FRAGMENT = "inference_boxes.json"
+from medsaga_components.inference.model import BOX_MODE_FRAGMENT, served_labels, trained_with_boxes
 
 
 class ServedBundle:
@@ -47,22 +45,14 @@ class ServedBundle:
                              f"outputs, the first output with channel_def and spatial_shape ({exc!r} missing)") from exc
         # MONAI Label's labels: {name: value} of the foreground classes the served model segments
         # (the names its training recorded, else channel_def).
-        from medsaga_components.inference.model import served_labels
-
         self.labels = served_labels(self._config_parser().get_parsed_content("model_path"), self.metadata)
         self._parser = None
 
     def _model_trained_with_boxes(self) -> bool:
-        """Whether the bundle has the box-prompted mode and its ``models/model.pt`` was trained
-        in it, as the training run recorded beside the weights (``models/model.json``,
-        ``inference.model.write_model_info``)."""
-        if not (self.root / "configs" / BOX_MODE_FRAGMENT).is_file():
-            return False
-        from medsaga_components.inference.model import read_model_info
-        from medsaga_components.prompts import user_input_of
-
-        kind = read_model_info(self._config_parser().get_parsed_content("model_path")).get("prompt_kind")
-        return kind is not None and user_input_of(kind) == "boxes"
+        """Whether the bundle has the box-prompted mode and its ``models/model.pt`` was trained in
+        it, as the training run recorded beside the weights (``models/model.json``)."""
+        return (self.root / "configs" / BOX_MODE_FRAGMENT).is_file() and trained_with_boxes(
+            self._config_parser().get_parsed_content("model_path"))
 
     @property
     def prompt_kind(self) -> str:
