@@ -9,9 +9,11 @@ high-water mark, and writes one JSON file; the parent collects them into ``bench
 and ``benchmark.md``. Every worker imports the same modules (galore-torch included, even for
 methods that do not use it) so that the import baselines are equal.
 
-Method names: a registry method (``full``, ``medsaga``, ``samed``, ``ssam``), optionally with
-memory switches (``training.memory.MemoryConfig``): ``<method>_efficient`` turns every switch on;
-``+ckpt``, ``+layerwise``, ``+bf16``, ``+nograd`` turn on one each (``medsaga+ckpt+layerwise``).
+Method names: a registry method (``full``, ``medsaga``, ``samed``, ``ssam``, ``cheap_lunch``,
+``mcp_medsam``), optionally with memory switches (``training.memory.MemoryConfig``):
+``<method>_efficient`` turns every switch on; ``+ckpt``, ``+layerwise``, ``+nograd`` turn on one
+each (``medsaga+ckpt+layerwise``). ``+bf16`` runs the image encoder under bf16 autocast
+(``precision.py``, forced on, as the bundles' ``bf16`` key does where the device has native bf16).
 Plain names run the plain mode (no checkpointing, standard optimiser step, float32): ``samed``
 is SAMed's reference configuration.
 
@@ -25,6 +27,10 @@ Recorded per method:
   so that what training itself adds is visible;
 * median step time over the steps after the first (warm-up; GaLore's first SVDs), with the
   machine's 1-minute load average before and after the steps (timings on a shared machine);
+* the compute floor of a step (``compute_floor.py``): its counted FLOPs at this machine's
+  measured GEMM rate of the same dtype and threads, and the step time over that floor;
+* inference seconds per slice: the network's forward on one image without autograd (eval mode),
+  median of three after a warm-up;
 * a memory-floor estimate: all weights and buffers + the gradients that coexist (all trainable
   ones for a standard step, the largest single one with per-layer steps) + optimiser state +
   the largest encoder segment's saved activations. The activations are measured after the
@@ -63,7 +69,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from medsaga_components.compute_floor import count_step_flops, gemm_flops_per_second, step_floor_seconds
 from medsaga_components.io.atomic import write_text_atomic
+from medsaga_components.precision import use_bf16
 from medsaga_components.training.cpu_allocator import TRIM_THRESHOLD_BYTES
 from medsaga_components.training.memory import MemoryConfig, enable_memory_efficient_training, encoder_segments, set_segment_forwards
 from medsaga_components.prompts.from_labels import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
@@ -95,28 +103,30 @@ CPU_ALLOCATOR_NOTES = {
             "(`keep_freed_cpu_memory`): every tensor comes from the heap and freed memory stays there for reuse, "
             "so peak RSS is the heap's high-water mark",
 }
-SWITCHES = {"ckpt": "activation_checkpointing", "layerwise": "layerwise_steps", "bf16": "bf16_autocast",
-            "nograd": "frozen_without_grad"}
+SWITCHES = {"ckpt": "activation_checkpointing", "layerwise": "layerwise_steps", "nograd": "frozen_without_grad"}
+BF16_SWITCH = "bf16"
 EFFICIENT_SUFFIX = "_efficient"
 DATA_NOTE = "random images (uniform in [0, 1]) and random labels in {0..N} from a fixed seed"
 RATIO_FIELDS = ("peak_memory_bytes", "peak_above_baseline_bytes", "median_step_time_s", "optimizer_state_bytes",
                 "trainable_parameters")
 
 
-def parse_method_variant(name: str) -> tuple[str, MemoryConfig]:
-    """``"medsaga+ckpt"`` -> ``("medsaga", MemoryConfig(activation_checkpointing=True, others off))``."""
+def parse_method_variant(name: str) -> tuple[str, MemoryConfig, bool]:
+    """``"medsaga+ckpt+bf16"`` -> ``("medsaga", MemoryConfig(activation_checkpointing=True, others off), True)``:
+    the method, its memory switches and whether the image encoder runs under bf16 autocast."""
     base, *extras = name.split("+")
     config = MemoryConfig.off()
     if base.endswith(EFFICIENT_SUFFIX):
         base, config = base[: -len(EFFICIENT_SUFFIX)], MemoryConfig()
     if base not in METHODS:
         raise ValueError(f"unknown method {name!r}: expected one of {sorted(METHODS)}, optionally with "
-                         f"{EFFICIENT_SUFFIX!r} or +{'/+'.join(SWITCHES)}")
+                         f"{EFFICIENT_SUFFIX!r} or +{'/+'.join([*SWITCHES, BF16_SWITCH])}")
     for extra in extras:
-        if extra not in SWITCHES:
-            raise ValueError(f"unknown switch +{extra} in {name!r}; expected one of {sorted(SWITCHES)}")
-        config = replace(config, **{SWITCHES[extra]: True})
-    return base, config
+        if extra != BF16_SWITCH and extra not in SWITCHES:
+            raise ValueError(f"unknown switch +{extra} in {name!r}; expected one of {sorted([*SWITCHES, BF16_SWITCH])}")
+        if extra in SWITCHES:
+            config = replace(config, **{SWITCHES[extra]: True})
+    return base, config, BF16_SWITCH in extras
 
 
 # --- measurements ------------------------------------------------------------------------
@@ -224,12 +234,13 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     baseline = memory_bytes(dev, peak=False)
-    base, memory_config = parse_method_variant(method)
+    base, memory_config, bf16 = parse_method_variant(method)
     if checkpoint is None:
         checkpoint = "pretrained" if backbone == "lite_medsam" else None
     torch.manual_seed(seed)
     network = build_network(base, backbone, num_classes=num_classes, checkpoint=checkpoint,
                             image_size=image_size).to(dev)
+    use_bf16(network, bf16)
     network.train()
     optimizer = enable_memory_efficient_training(network, build_optimizer(base, network), memory_config)
     loss_function = build_loss(base)
@@ -241,19 +252,33 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
     ready = memory_bytes(dev, peak=False)
 
     losses, step_times = [], []
-    load_before = _load_average()
-    for _ in range(steps):
-        _synchronize(dev)
-        start = time.perf_counter()
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)  # the order of MONAI's SupervisedTrainer iteration
         loss = loss_function(network(images, prompts), labels)
         loss.backward()
         optimizer.step()
+        losses.append(float(loss.detach()))
+
+    load_before = _load_average()
+    for _ in range(steps):
+        _synchronize(dev)
+        start = time.perf_counter()
+        step()
         _synchronize(dev)
         step_times.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
-    peak = memory_bytes(dev, peak=True)  # read before the activation measurement below
+    peak = memory_bytes(dev, peak=True)  # read before the measurements below
     load_after = _load_average()
+    timed = step_times[1:] or step_times
+
+    # the compute floor: one more step, counted; the GEMM rates of this process's threads
+    flops = count_step_flops(step, type(network).__name__)
+    losses.pop()
+    rates = {"float32": gemm_flops_per_second(torch.float32, dev), "bfloat16": gemm_flops_per_second(torch.bfloat16, dev)}
+    floor = step_floor_seconds(flops, rates, bf16)
+    inference = inference_seconds_per_slice(network, images[:1], None if prompts is None else
+                                            {k: v[:1] for k, v in prompts.items()}, dev)
+    network.train()
 
     trainable = [p for p in network.parameters() if p.requires_grad]
     weight_bytes = sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()])
@@ -267,11 +292,11 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
         network, images[:1], prompts=None if prompts is None else {k: v[:1] for k, v in prompts.items()}).items()}
     segment_activations = {k: v for k, v in activations.items() if k != "outside encoder segments"}
     largest = max(segment_activations, key=segment_activations.get)
-    timed = step_times[1:] or step_times
     return {
         "method": method,
         "base_method": base,
         "memory_config": memory_config.as_dict(),
+        "bf16": bf16,
         "backbone": backbone,
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "image_size": size,
@@ -302,8 +327,31 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
         "step_times_s": step_times,
         "median_step_time_s": statistics.median(timed),
         "timing_includes_warmup": len(step_times) < 2,
+        "flops_per_step": flops["total"],
+        "encoder_flops_per_step": flops["encoder"],
+        "gemm_flops_per_second": rates,
+        "floor_step_time_s": floor,
+        "step_time_over_floor": statistics.median(timed) / floor,
+        "inference_s_per_slice": inference,
         "losses": losses,
     }
+
+
+def inference_seconds_per_slice(network: nn.Module, image: torch.Tensor, prompts: dict | None,
+                                device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of the network's forward on one ``[1, C, S, S]`` image without autograd
+    (eval mode), after one warm-up call."""
+    network.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            _synchronize(device)
+            start = time.perf_counter()
+            network(image, prompts)
+            _synchronize(device)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _load_average() -> float | None:
@@ -505,9 +553,28 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Largest encoder segment's saved activations (measured, batch-scaled) per method:", ""]
     lines += [f"- {name}: {r['largest_segment']} {_mib(r['activation_bytes_largest_segment'])}; all saved activations "
               f"in plain mode {_mib(r['activation_bytes_total'])}" for name, r in largest.items()]
-    if s["device"] == "cpu":
-        lines += ["", "bf16 autocast applies only on CUDA: on this CPU run the `_efficient` variants ran in float32."]
+    lines += compute_floor_table(results)
     return "\n".join(lines) + "\n"
+
+
+def compute_floor_table(results: dict[str, dict]) -> list[str]:
+    """Markdown lines: each method's step time against its compute floor, and its inference time."""
+    lines = ["", "Time against the compute floor (`compute_floor.py`: FLOPs counted over one step, at the best rate "
+             "of 1024 x 1024 matmuls in the same dtype and threads; the encoder's FLOPs at the bf16 rate where it "
+             "runs under bf16 autocast), and the forward on one slice without autograd:", "",
+             "| method | encoder | GFLOPs per step (encoder) | GEMM GFLOP/s fp32 / bf16 | floor | median step "
+             "| step / floor | inference per slice |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        if "error" in r or "flops_per_step" not in r:
+            continue
+        rates = r["gemm_flops_per_second"]
+        lines.append(
+            f"| {name} | {'bf16' if r['bf16'] else 'fp32'} | {r['flops_per_step'] / 1e9:,.0f} "
+            f"({r['encoder_flops_per_step'] / 1e9:,.0f}) | {rates['float32'] / 1e9:,.0f} / {rates['bfloat16'] / 1e9:,.0f} "
+            f"| {r['floor_step_time_s']:.2f} s | {r['median_step_time_s']:.2f} s | {r['step_time_over_floor']:.2f} "
+            f"| {r['inference_s_per_slice']:.2f} s |")
+    return lines
 
 
 # --- worker entry point ----------------------------------------------------------------------

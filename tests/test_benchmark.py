@@ -12,16 +12,19 @@ import torch
 
 from medsaga_components.benchmark import (CPU_ALLOCATORS, _method_list, _worker_environment, parse_method_variant,
                                           tensor_bytes_in)
+from medsaga_components.compute_floor import count_step_flops, step_floor_seconds
 from medsaga_components.training.memory import MemoryConfig
 
-METHODS = ["samed", "medsaga_efficient"]  # two fresh processes keep the test short
+METHODS = ["samed", "medsaga_efficient+bf16"]  # two fresh processes keep the test short
 POSITIVE_FIELDS = ["trainable_parameters", "total_parameters", "weight_bytes", "gradient_bytes_at_once",
                    "optimizer_state_bytes", "memory_baseline_bytes", "memory_ready_bytes", "peak_memory_bytes",
                    "peak_above_baseline_bytes", "activation_bytes_total", "activation_bytes_largest_segment",
-                   "memory_floor_bytes", "median_step_time_s"]
+                   "memory_floor_bytes", "median_step_time_s", "flops_per_step", "encoder_flops_per_step",
+                   "floor_step_time_s", "step_time_over_floor", "inference_s_per_slice"]
 OTHER_FIELDS = ["method", "base_method", "memory_config", "backbone", "image_size", "batch", "steps", "device",
                 "memory_measure", "training_increment_bytes", "largest_segment", "activation_bytes_outside_segments",
-                "step_times_s", "timing_includes_warmup", "losses", "cpu_allocator", "load_average_1min"]
+                "step_times_s", "timing_includes_warmup", "losses", "cpu_allocator", "load_average_1min", "bf16",
+                "gemm_flops_per_second"]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +54,18 @@ def test_every_method_ran_in_its_own_process_with_every_field(report):
         assert result["memory_floor_bytes"] == (result["weight_bytes"] + result["gradient_bytes_at_once"]
                                                 + result["optimizer_state_bytes"]
                                                 + result["activation_bytes_largest_segment"])
-        assert all(torch.isfinite(torch.tensor(result["losses"])))
-    efficient = data["methods"]["medsaga_efficient"]
-    assert efficient["base_method"] == "medsaga" and all(efficient["memory_config"].values())
-    assert not any(data["methods"]["samed"]["memory_config"].values())
+        assert all(torch.isfinite(torch.tensor(result["losses"]))) and len(result["losses"]) == 3
+        assert 0 < result["encoder_flops_per_step"] < result["flops_per_step"]
+        assert result["floor_step_time_s"] == pytest.approx(
+            step_floor_seconds({"total": result["flops_per_step"], "encoder": result["encoder_flops_per_step"]},
+                               result["gemm_flops_per_second"], result["bf16"]))
+        assert result["step_time_over_floor"] == pytest.approx(result["median_step_time_s"] / result["floor_step_time_s"])
+    efficient = data["methods"]["medsaga_efficient+bf16"]
+    assert efficient["base_method"] == "medsaga" and all(efficient["memory_config"].values()) and efficient["bf16"]
+    samed = data["methods"]["samed"]
+    assert not any(samed["memory_config"].values()) and not samed["bf16"]
+    # checkpointing recomputes the encoder's forward: more FLOPs counted than the plain step
+    assert efficient["encoder_flops_per_step"] > samed["encoder_flops_per_step"]
     # per-layer steps: only the largest single gradient is counted, not all of them
     assert efficient["gradient_bytes_at_once"] < 4 * efficient["trainable_parameters"]
     samed = data["methods"]["samed"]
@@ -77,7 +88,7 @@ def test_markdown_has_a_row_per_method_in_both_tables(report):
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     for name in METHODS:
         mine = [r for r in rows if r.startswith(f"| {name} |")]
-        assert len(mine) == 2, (name, mine)  # absolute figures, ratios
+        assert len(mine) == 3, (name, mine)  # absolute figures, ratios, compute floor
         peak_vs_samed = f"{data['ratios'][name]['peak_memory_bytes/samed']:.2f}"
         cells = [c.strip() for c in mine[1].split("|")[2:-1]]
         assert cells[0] == "n/a" and cells[1] == peak_vs_samed  # peak / full, peak / samed
@@ -88,11 +99,12 @@ def test_markdown_has_a_row_per_method_in_both_tables(report):
 
 
 def test_method_variants_name_their_switches():
-    assert parse_method_variant("samed") == ("samed", MemoryConfig.off())
-    assert parse_method_variant("medsaga_efficient") == ("medsaga", MemoryConfig())
-    base, config = parse_method_variant("medsaga+ckpt+layerwise")
+    assert parse_method_variant("samed") == ("samed", MemoryConfig.off(), False)
+    assert parse_method_variant("medsaga_efficient") == ("medsaga", MemoryConfig(), False)
+    base, config, bf16 = parse_method_variant("medsaga+ckpt+layerwise")
     assert base == "medsaga" and config.activation_checkpointing and config.layerwise_steps
-    assert not config.bf16_autocast and not config.frozen_without_grad
+    assert not config.frozen_without_grad and not bf16
+    assert parse_method_variant("ssam+bf16") == ("ssam", MemoryConfig.off(), True)
     with pytest.raises(ValueError, match="unknown switch"):
         parse_method_variant("medsaga+fast")
     with pytest.raises(ValueError, match="unknown method"):
@@ -121,3 +133,16 @@ def test_live_allocator_settings_reach_the_workers_and_keep_the_users_tunables(m
     monkeypatch.delenv("GLIBC_TUNABLES")
     assert _worker_environment(CPU_ALLOCATORS["live"])["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert "GLIBC_TUNABLES" not in _worker_environment(CPU_ALLOCATORS["default"])
+
+
+def test_a_linear_steps_counted_flops_are_forward_plus_two_backward_matmuls():
+    layer = torch.nn.Linear(64, 32, bias=False)
+    x = torch.rand(8, 64, requires_grad=True)
+    counted = count_step_flops(lambda: layer(x).sum().backward(), "Linear", encoder_name="none")
+    assert counted == {"total": 3 * 2 * 8 * 64 * 32, "encoder": 0}  # y = xW^T; dx, dW
+
+
+def test_the_floor_takes_the_encoder_at_the_bf16_rate_only_under_bf16():
+    flops, rates = {"total": 300, "encoder": 200}, {"float32": 100.0, "bfloat16": 400.0}
+    assert step_floor_seconds(flops, rates, bf16=False) == pytest.approx(3.0)
+    assert step_floor_seconds(flops, rates, bf16=True) == pytest.approx(0.5 + 1.0)

@@ -17,6 +17,7 @@ from monai.bundle import ConfigWorkflow
 from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
 from medsaga_components import SamSegmenter
 from medsaga_components.optimizers.galore import allow_galore_state_in_checkpoints
+from medsaga_components.precision import native_bf16
 
 pytestmark = pytest.mark.slow
 BUNDLE = REPO / "bundles" / "medsaga"
@@ -109,19 +110,22 @@ def test_inference_writes_label_maps_with_the_input_geometry(trained, demo_dir):
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2}
 
 
-MEMORY_MODE_ON = "memory-efficient training: activation_checkpointing, layerwise_steps, bf16_autocast, frozen_without_grad"
+MEMORY_MODE_ON = "memory-efficient training: activation_checkpointing, layerwise_steps, frozen_without_grad"
+# bf16="auto": on where this CPU has native bf16, which the precision tests check against /proc/cpuinfo
+AUTO_PRECISION = f"image encoder precision: {'bf16 autocast' if native_bf16('cpu') else 'float32'} (bf16=auto"
 
 
-def test_memory_efficient_mode_is_every_bundles_default_and_a_switch(trained, tmp_path, demo_dir):
+def test_memory_efficient_mode_and_bf16_are_every_bundles_defaults_and_switches(trained, tmp_path, demo_dir):
     bundle, _, log = trained
-    assert MEMORY_MODE_ON in log
+    assert MEMORY_MODE_ON in log and AUTO_PRECISION in log
     if bundle not in SWITCH_CHECKED:
-        return  # the switch is the same train.json key and code in every bundle
+        return  # the switches are the same train.json keys and code in every bundle
     shutil.copytree(REPO / "bundles" / bundle / "configs", tmp_path / "configs")
     done = run_bundle("training", configs(bundle, "train"), "--bundle_root", str(tmp_path), "--dataset_dir",
-                      str(demo_dir), *TINY_TRAINING, "--epochs", "1", "--memory_efficient", "False")
+                      str(demo_dir), *TINY_TRAINING, "--epochs", "1", "--memory_efficient", "False", "--bf16", "false")
     flipped = done.stdout + done.stderr
     assert "memory-efficient training: off (plain mode)" in flipped and MEMORY_MODE_ON not in flipped
+    assert "image encoder precision: float32 (bf16=false" in flipped
     assert (tmp_path / "models" / "model.pt").is_file()
 
 

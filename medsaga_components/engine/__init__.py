@@ -12,6 +12,7 @@ from medsaga_components.inference.volume import VolumePrompts
 from medsaga_components.inference.volumes import dataset_modality, list_volumes
 from medsaga_components.inference.writer import register_atomic_nifti_writer
 from medsaga_components.inference.zoom import ZoomInferer
+from medsaga_components.precision import use_bf16
 from medsaga_components.prompts.box_batches import McpPrepareBatch
 from medsaga_components.prompts.from_labels import PromptsFromLabels
 from medsaga_components.training.cpu_allocator import keep_freed_cpu_memory
@@ -27,5 +28,5 @@ __all__ = [
     "TwoPassPointSegmenter", "ZoomInferer", "check_model_file", "dataset_modality",
     "enable_memory_efficient_training", "evaluation_points",
     "experiment_dataset", "handlers_for_this_process", "find_bundle_root", "keep_freed_cpu_memory", "list_volumes",
-    "prepare_training", "register_atomic_nifti_writer", "served_labels", "VolumePrompts",
+    "prepare_training", "register_atomic_nifti_writer", "served_labels", "use_bf16", "VolumePrompts",
 ]

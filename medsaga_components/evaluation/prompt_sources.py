@@ -228,13 +228,13 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
                            shots: int = 5, sources: str | Sequence[str] = PROMPT_SOURCES + BASELINES,
                            jitter: float = 0.05,
                            seed: int = 0, backbone: str = "lite_medsam", image_size: int = 256,
-                           per_structure: bool = True, threads: int | None = None) -> dict:
+                           per_structure: bool = True, threads: int | None = None, bf16: str | bool = "auto") -> dict:
     """``medsaga prompt-sources``: every prompt source side by side on a demo task's test slab.
 
     ``model``: ``zero_shot`` (pretrained LiteMedSAM asked with boxes) or the ``models/model.pt`` of a
     bundle trained in box mode (``configs/boxes.json``; ``per_structure``: its box-free first pass boxes
-    each structure, as a model trained with ``--box_per_structure true``). Writes
-    ``out/prompt_sources.json`` and ``.md``.
+    each structure, as a model trained with ``--box_per_structure true``). ``bf16``: as the bundles'
+    key (``precision.py``). Writes ``out/prompt_sources.json`` and ``.md``.
     """
     from pathlib import Path
 
@@ -245,6 +245,7 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
     from medsaga_components.evaluation.metrics import voxel_spacing
     from medsaga_components.inference.model import load_plain_model
     from medsaga_components.io.atomic import write_json_atomic, write_text_atomic
+    from medsaga_components.precision import use_bf16, uses_bf16
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -259,7 +260,7 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
         network = load_plain_model(TwoPassBoxSegmenter(backbone, len(names) - 1, checkpoint=None, image_size=image_size,
                                                        modality_prompt=False, content_prompt=False,
                                                        per_structure=per_structure), model)
-    network = network.eval()
+    network = use_bf16(network.eval(), bf16)
     # fire hands "a,b" over as a tuple; a string may come from Python
     wanted = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources) if s.strip()]
     if model == "zero_shot":
@@ -268,7 +269,7 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
     test = [k for start, stop in slabs["test"] for k in range(start, stop)]
     results = evaluate_prompt_sources(network, volume, label.astype(np.int64), 2, labelled, test, names, wanted,
                                       voxel_spacing(affine), jitter, seed)
-    note = (f"{task}, model {model}, labelled slices {labelled} (k = {shots}), test slices {test[0]}..{test[-1]}; "
+    note = (f"{task}, model {model} (image encoder in {'bf16' if uses_bf16(network) else 'float32'}), labelled slices {labelled} (k = {shots}), test slices {test[0]}..{test[-1]}; "
             f"3-D boxes jittered by up to {jitter:.0%} of each side's extent (seed {seed}).")
     out_dir = Path(out)
     write_json_atomic(out_dir / "prompt_sources.json", {"task": task, "model": model, "labelled": labelled,

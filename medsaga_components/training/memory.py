@@ -14,11 +14,6 @@ weight. This mode removes those, each part behind its own switch in :class:`Memo
 * ``layerwise_steps``: :class:`~medsaga_components.optimizers.layerwise.LayerwiseOptimizer`
   steps each parameter inside its post-accumulate-grad hook and drops the gradient there, so
   the full-size gradients of the whole network never coexist.
-* ``bf16_autocast``: on CUDA the network's training forward runs under
-  ``torch.autocast(dtype=bfloat16)`` and returns float32 logits. Inert on CPU. MONAI's own
-  ``SupervisedTrainer(amp=True)`` is not used: it always creates a GradScaler, which bf16
-  does not need, and ``GradScaler.step`` asserts on an optimiser whose gradients were
-  consumed during backward.
 * ``frozen_without_grad``: an encoder segment with no trainable parameter and no input
   that needs a gradient (TinyViT's patch embedding and conv stage under MedSAGa and SAMed,
   SAM ViT's patch embedding) runs under ``torch.no_grad()``: it stores nothing for backward.
@@ -37,8 +32,8 @@ Usage (a bundle config calls the same function)::
     optimizer = build_optimizer("medsaga", network)
     optimizer = enable_memory_efficient_training(network, optimizer, {"layerwise_steps": True})
 
-bf16 cannot be measured on a CPU; its effect is measured by ``medsaga benchmark`` only on a
-machine with a GPU.
+bfloat16 is not a memory switch but the bundle key ``bf16`` (``precision.use_bf16``), for every
+method, in training and inference.
 """
 
 from __future__ import annotations
@@ -47,7 +42,7 @@ import contextlib
 import logging
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 from medsaga_components._segment_anything import ImageEncoderViT
 from medsaga_components.backbones.tiny_vit import MBConv, TinyViTEncoder
 from medsaga_components.config_values import as_bool
+from medsaga_components.forward_patch import ForwardPatch
 from medsaga_components.optimizers.layerwise import LayerwiseOptimizer
 
 logger = logging.getLogger(__name__)
@@ -71,13 +67,11 @@ class MemoryConfig:
         layerwise_steps: step each parameter as soon as its gradient is complete
             (:class:`LayerwiseOptimizer`); incompatible with gradient accumulation, gradient
             clipping and multi-process data parallel training.
-        bf16_autocast: bfloat16 autocast of the training forward; applies only on CUDA.
         frozen_without_grad: frozen leading encoder segments run without autograd.
     """
 
     activation_checkpointing: bool = True
     layerwise_steps: bool = True
-    bf16_autocast: bool = True
     frozen_without_grad: bool = True
 
     @classmethod
@@ -105,7 +99,8 @@ class MemoryConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"unknown memory config keys {unknown}; expected some of {sorted(known)}")
+            moved = " (bf16 is the bundle key `bf16` now, not a memory switch)" if "bf16_autocast" in unknown else ""
+            raise ValueError(f"unknown memory config keys {unknown}; expected some of {sorted(known)}{moved}")
         not_bool = sorted(k for k, v in value.items() if not isinstance(v, bool))
         if not_bool:
             raise ValueError(f"memory config switches must be true or false: {not_bool}")
@@ -116,40 +111,6 @@ class MemoryConfig:
 
 
 # --- forward patches ---------------------------------------------------------------------
-
-class _ForwardPatch:
-    """A callable installed as ``module.forward`` on the instance (state_dict keys unchanged).
-
-    It calls whatever ``forward`` the module had before (the class method, or an earlier
-    instance patch of another kind). Installing a patch of the same kind again replaces the
-    previous one; :meth:`remove` restores the previous ``forward``.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        previous = module.__dict__.get("forward")
-        if isinstance(previous, type(self)):
-            previous = previous.previous
-        self.module = module
-        self.previous = previous
-
-    def install(self) -> None:
-        self.module.forward = self
-
-    def original_forward(self) -> Callable[..., Any]:
-        if self.previous is not None:
-            return self.previous
-        return type(self.module).forward.__get__(self.module)
-
-    @classmethod
-    def remove(cls, module: nn.Module) -> None:
-        """Undo this kind of patch on ``module`` if it is the outermost one (no-op otherwise)."""
-        patch = module.__dict__.get("forward")
-        if isinstance(patch, cls):
-            if patch.previous is None:
-                del module.forward
-            else:
-                module.forward = patch.previous
-
 
 def _tensors_need_grad(args: Iterable[Any]) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
@@ -186,7 +147,7 @@ def _checkpoint_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextM
     return contextlib.nullcontext(), _running_stats_frozen(module)
 
 
-class _SegmentForward(_ForwardPatch):
+class _SegmentForward(ForwardPatch):
     """One encoder segment's forward: checkpointed, or without autograd when it cannot need it.
 
     Args:
@@ -218,22 +179,6 @@ class _SegmentForward(_ForwardPatch):
             return checkpoint(forward, *args, use_reentrant=False,
                               context_fn=partial(_checkpoint_contexts, self.module), **kwargs)
         return forward(*args, **kwargs)
-
-
-class _Bf16AutocastForward(_ForwardPatch):
-    """The network's forward under bfloat16 autocast when training on CUDA; float32 output.
-
-    On CPU, and in eval mode, the forward is unchanged.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        forward = self.original_forward()
-        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in [*args, *kwargs.values()])
-        if not (on_cuda and self.module.training):
-            return forward(*args, **kwargs)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = forward(*args, **kwargs)
-        return out.float()
 
 
 def encoder_segments(encoder: nn.Module) -> list[nn.Module]:
@@ -360,9 +305,6 @@ def enable_memory_efficient_training(network: nn.Module, optimizer: torch.optim.
                          config.frozen_without_grad)
     if hasattr(network, "checkpoint_box_passes"):  # SamSegmenter's decoder passes, one per box of a class
         network.checkpoint_box_passes = config.activation_checkpointing
-    _Bf16AutocastForward.remove(network)
-    if config.bf16_autocast:
-        _Bf16AutocastForward(network).install()
     if config.layerwise_steps and not isinstance(optimizer, LayerwiseOptimizer):
         optimizer = LayerwiseOptimizer.from_optimizer(optimizer)
     on = [name for name, value in config.as_dict().items() if value]
@@ -379,7 +321,6 @@ def disable_memory_efficient_training(network: nn.Module, optimizer: torch.optim
     set_segment_forwards(network.get_submodule(encoder_name), checkpointed=False, no_grad_when_frozen=False)
     if hasattr(network, "checkpoint_box_passes"):
         network.checkpoint_box_passes = False
-    _Bf16AutocastForward.remove(network)
     if isinstance(optimizer, LayerwiseOptimizer):
         optimizer.remove_hooks()
 

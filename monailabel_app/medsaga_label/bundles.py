@@ -103,6 +103,11 @@ class ServedBundle:
     def image_size(self) -> int:
         return int(self.parser.get_parsed_content("image_size"))
 
+    @property
+    def bf16(self) -> str | bool:
+        """``inference.json``'s ``bf16`` (``"auto"``: bf16 autocast where the device runs it natively)."""
+        return self.parser.get("bf16", "auto")
+
     def build_network(self) -> torch.nn.Module:
         """A new plain network from ``network_def`` (weights not loaded)."""
         return self.parser.get_parsed_content("network_def", instantiate=True, lazy=False)
