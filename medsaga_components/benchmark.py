@@ -132,7 +132,15 @@ def parse_method_variant(name: str) -> tuple[str, MemoryConfig, bool]:
 # --- measurements ------------------------------------------------------------------------
 
 def _rss_peak_bytes() -> int:
-    """The process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set size: Linux's ``VmHWM`` (this program's own, since its
+    exec), else ``ru_maxrss`` (KiB on Linux, bytes on macOS). On Linux ``ru_maxrss`` starts from
+    the parent's resident set at the fork: a worker started by a parent that had grown (the
+    planner's fit builds networks between workers) would otherwise report the parent's peak."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -168,6 +176,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return tensor_bytes_in(dict(optimizer.state))
 
 
+def storage_key(t: torch.Tensor) -> int:
+    """What identifies ``t``'s storage, shared by its views; also on the meta device, where every
+    ``data_ptr()`` is 0 (the storage implementation's address, ``_cdata``)."""
+    return t.untyped_storage()._cdata
+
+
 def saved_activation_bytes(network: nn.Module, images: torch.Tensor,
                            encoder_name: str = "backbone.image_encoder", prompts: dict | None = None) -> dict[str, int]:
     """Bytes that one training forward saves for backward, by encoder segment.
@@ -175,7 +189,8 @@ def saved_activation_bytes(network: nn.Module, images: torch.Tensor,
     Returns ``{segment qualified name: bytes}`` for every segment, plus ``"outside encoder
     segments"`` (decoder, prompt modules, glue). Weights (and views of them) are excluded;
     a storage saved twice counts once. Checkpointed segments save only what lies outside
-    them: measure a segment's own activations with checkpointing off.
+    them: measure a segment's own activations with checkpointing off. Runs on the meta device
+    too (shapes only: the planner sizes activations at any image size that way).
     """
     encoder = network.get_submodule(encoder_name)
     names = {id(m): f"{encoder_name}.{n}" for n, m in encoder.named_modules()}
@@ -183,15 +198,15 @@ def saved_activation_bytes(network: nn.Module, images: torch.Tensor,
     totals = {names[id(s)]: 0 for s in segments}
     outside = "outside encoder segments"
     totals[outside] = 0
-    weights = {t.untyped_storage().data_ptr() for t in [*network.parameters(), *network.buffers()]}
+    weights = {storage_key(t) for t in [*network.parameters(), *network.buffers()]}
     seen: set[int] = set()
     active: list[str] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())  # safe: every saved tensor stays alive until the pass ends
-            totals[active[-1] if active else outside] += storage.nbytes()
+        key = storage_key(t)
+        if key not in weights and key not in seen:
+            seen.add(key)  # safe: every saved tensor stays alive until the pass ends
+            totals[active[-1] if active else outside] += t.untyped_storage().nbytes()
         return t
 
     def enter(module: nn.Module, args: Any) -> None:
@@ -424,9 +439,10 @@ def _method_list(methods: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _run_in_fresh_process(method: str, out_dir: Path, environment: dict[str, str], **settings: Any) -> dict[str, Any]:
-    json_path = out_dir / f"{method}.json"
-    log_path = out_dir / f"{method}.log"
+def _run_in_fresh_process(method: str, out_dir: Path, environment: dict[str, str], file_name: str | None = None,
+                          **settings: Any) -> dict[str, Any]:
+    json_path = out_dir / f"{file_name or method}.json"
+    log_path = out_dir / f"{file_name or method}.log"
     json_path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "medsaga_components.benchmark", "--worker", "--method", method,
                "--json", str(json_path)]

@@ -23,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "fewshot": _lazy("medsaga_components.data.fewshot", "fewshot_command"),
         "benchmark": _lazy("medsaga_components.benchmark", "benchmark_command"),
         "baseline": _lazy("medsaga_components.baselines", "baseline_command"),
+        "plan": _lazy("medsaga_components.planner", "plan_command"),
+        "plan-fit": _lazy("medsaga_components.planner", "plan_fit_command"),
         "prompt-sources": _lazy("medsaga_components.evaluation.prompt_sources", "prompt_sources_command"),
         "package": _lazy("medsaga_components.packaging", "package_command"),
     }

@@ -146,3 +146,12 @@ def test_the_floor_takes_the_encoder_at_the_bf16_rate_only_under_bf16():
     flops, rates = {"total": 300, "encoder": 200}, {"float32": 100.0, "bfloat16": 400.0}
     assert step_floor_seconds(flops, rates, bf16=False) == pytest.approx(3.0)
     assert step_floor_seconds(flops, rates, bf16=True) == pytest.approx(0.5 + 1.0)
+
+
+def test_a_depthwise_convolutions_backward_is_counted_as_two_forward_convolutions():
+    """torch's own formula ignores groups (TinyViT's depthwise convolutions, counted channels-fold)."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+    x = torch.rand(2, 16, 8, 8, requires_grad=True)
+    forward = 2 * 2 * 16 * 8 * 8 * 3 * 3  # 2 FLOPs per multiply-add, batch, channels, positions, kernel
+    assert count_step_flops(lambda: conv(x), "Conv2d", encoder_name="none")["total"] == forward
+    assert count_step_flops(lambda: conv(x).sum().backward(), "Conv2d", encoder_name="none")["total"] == 3 * forward

@@ -228,7 +228,7 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
                            shots: int = 5, sources: str | Sequence[str] = PROMPT_SOURCES + BASELINES,
                            jitter: float = 0.05,
                            seed: int = 0, backbone: str = "lite_medsam", image_size: int = 256,
-                           per_structure: bool = True, threads: int | None = None, bf16: str | bool = "auto") -> dict:
+                           per_structure: bool = True, threads: int | None = None, bf16: str | bool = False) -> dict:
     """``medsaga prompt-sources``: every prompt source side by side on a demo task's test slab.
 
     ``model``: ``zero_shot`` (pretrained LiteMedSAM asked with boxes) or the ``models/model.pt`` of a

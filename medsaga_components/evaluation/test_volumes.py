@@ -164,7 +164,7 @@ class EvaluateOnTestVolumes:
                  device: str | torch.device = "cpu", batch_size: int = 4, test_time_flips: bool = False,
                  prompts: Callable | None = None, zoom: float | str = 1.0, boxes: str | None = None,
                  modalities: Sequence[str] | None = None, per_structure: bool = False,
-                 bf16: str | bool = "auto") -> None:
+                 bf16: str | bool = False) -> None:
         if boxes is not None and boxes not in TEST_BOXES:
             raise ValueError(f"test boxes must be one of {TEST_BOXES}, got {boxes!r}")
         self.network, self.model_path, self.dataset = network, Path(model_path), dataset
