@@ -255,6 +255,8 @@ def plan(backbone: str, image_size: int, memory: str | float, methods: Sequence[
     budget = parse_memory(memory)
     rows = []
     for method in methods:
+        # builds the network and steps its optimiser once (GaLore's SVDs: about a minute for ViT-B)
+        print(f"[plan] counting {method} on {backbone} at {image_size} px", file=sys.stderr, flush=True)
         both = features(method, backbone, image_size)
         for efficient in (False, True):
             setup = TrainingSetup(method, backbone, image_size, efficient)
