@@ -295,9 +295,7 @@ def plan_command(backbone: str = "vit_b", image_size: int = 1024, memory: str = 
                      f"| {_gb(r['static'])} | {_gb(r['activations'])} | {r['overrides'] and '`' + r['overrides'] + '`'} |")
     lines += ["", "Peaks are what the training allocates (CUDA's max_memory_allocated); the CUDA context (a few "
               "hundred MB) comes on top. The model was fitted on measured peaks: " + memory_model.measured_with]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    return text
+    return "\n".join(lines) + "\n"  # the command line prints it
 
 
 # --- medsaga plan-fit ----------------------------------------------------------------------------
@@ -355,8 +353,7 @@ def plan_fit_command(out: str = "plan_fit", steps: int = 2, threads: int | None 
         model.save(MODEL_PATH, rows)
     markdown = validation_markdown(model, rows)
     write_text_atomic(out_dir / "validation.md", markdown)
-    print(markdown)
-    return markdown
+    return markdown  # the command line prints it
 
 
 def validation_markdown(model: MemoryModel, rows: Sequence[dict]) -> str:
