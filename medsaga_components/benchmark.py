@@ -394,7 +394,7 @@ def benchmark_command(backbone: str = "lite_medsam", image_size: int | None = No
     which peak RSS follows live memory; ``heap`` for bundle training's setting (see ``CPU_ALLOCATORS``).
     Returns the path of ``benchmark.md``.
     """
-    names = _method_list(methods)
+    names = method_list(methods)
     for name in names:
         parse_method_variant(name)  # fail before starting any process
     if cpu_allocator not in CPU_ALLOCATORS:
@@ -407,9 +407,10 @@ def benchmark_command(backbone: str = "lite_medsam", image_size: int | None = No
     results = {}
     for name in names:
         print(f"[benchmark] {name}: {steps} steps on {backbone}, batch {batch}, {device}", file=sys.stderr, flush=True)
-        results[name] = _run_in_fresh_process(name, out_dir, CPU_ALLOCATORS[cpu_allocator], backbone=backbone, image_size=image_size, batch=batch,
-                                              steps=steps, device=device, num_classes=num_classes, seed=seed,
-                                              checkpoint=checkpoint, threads=threads)
+        results[name] = run_worker_in_fresh_process(name, out_dir, CPU_ALLOCATORS[cpu_allocator], backbone=backbone,
+                                                    image_size=image_size, batch=batch, steps=steps, device=device,
+                                                    num_classes=num_classes, seed=seed, checkpoint=checkpoint,
+                                                    threads=threads)
     report = {
         "settings": {"backbone": backbone, "image_size": image_size, "batch": batch, "steps": steps, "device": device,
                      "device_name": _device_name(device), "num_classes": num_classes, "seed": seed,
@@ -430,7 +431,7 @@ def benchmark_command(backbone: str = "lite_medsam", image_size: int | None = No
     return str(md_path)
 
 
-def _method_list(methods: str | Iterable[str]) -> list[str]:
+def method_list(methods: str | Iterable[str]) -> list[str]:
     """fire hands ``a,b`` over as a tuple and ``a,b+c`` as a string: accept both."""
     items = [methods] if isinstance(methods, str) else list(methods)
     names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
@@ -439,7 +440,7 @@ def _method_list(methods: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _run_in_fresh_process(method: str, out_dir: Path, environment: dict[str, str], file_name: str | None = None,
+def run_worker_in_fresh_process(method: str, out_dir: Path, environment: dict[str, str], file_name: str | None = None,
                           **settings: Any) -> dict[str, Any]:
     json_path = out_dir / f"{file_name or method}.json"
     log_path = out_dir / f"{file_name or method}.log"

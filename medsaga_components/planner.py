@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from medsaga_components.benchmark import (CPU_ALLOCATORS, _method_list, _run_in_fresh_process, optimizer_state_bytes,
+from medsaga_components.benchmark import (CPU_ALLOCATORS, method_list, optimizer_state_bytes, run_worker_in_fresh_process,
                                           saved_activation_bytes, storage_key, synthetic_batch)
 from medsaga_components.io.atomic import write_json_atomic, write_text_atomic
 from medsaga_components.methods import METHODS, build_network, build_optimizer
@@ -279,7 +279,7 @@ def plan_command(backbone: str = "vit_b", image_size: int = 1024, memory: str = 
                  model: str | None = None) -> str:
     """Print, for each method (or ``method``), the largest batch that fits ``memory`` with and without
     the memory-efficient switches, and the bundle overrides. ``model``: a fitted ``memory_model.json``."""
-    methods = _method_list(method) if method else list(METHODS)
+    methods = method_list(method) if method else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; expected some of {sorted(METHODS)}")
@@ -328,7 +328,7 @@ def plan_fit_command(out: str = "plan_fit", steps: int = 2, threads: int | None 
             setup = TrainingSetup(method, backbone, size, efficient)
             name = f"{setup.benchmark_name}@{backbone}_{size}_b{batch}"
             print(f"[plan-fit] measuring ({role}) {name}", file=sys.stderr, flush=True)
-            result = _run_in_fresh_process(setup.benchmark_name, out_dir, CPU_ALLOCATORS["live"], file_name=name,
+            result = run_worker_in_fresh_process(setup.benchmark_name, out_dir, CPU_ALLOCATORS["live"], file_name=name,
                                            backbone=backbone, image_size=size, batch=batch, steps=steps,
                                            device="cpu", threads=threads)
             if "error" in result:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsaga_components.benchmark import (CPU_ALLOCATORS, _method_list, _worker_environment, parse_method_variant,
+from medsaga_components.benchmark import (CPU_ALLOCATORS, method_list, _worker_environment, parse_method_variant,
                                           tensor_bytes_in)
 from medsaga_components.compute_floor import count_step_flops, step_floor_seconds
 from medsaga_components.training.memory import MemoryConfig
@@ -110,7 +110,7 @@ def test_method_variants_name_their_switches():
     with pytest.raises(ValueError, match="unknown method"):
         parse_method_variant("lora_efficient")
     # fire hands "a,b" over as a tuple and "a,b+c" as one string
-    assert _method_list(("full", "samed")) == _method_list("full,samed") == ["full", "samed"]
+    assert method_list(("full", "samed")) == method_list("full,samed") == ["full", "samed"]
 
 
 def test_optimizer_state_bytes_include_projection_matrices():

@@ -338,7 +338,7 @@ def test_benchmark_report_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "reference_ratios", lambda results: {})
     result = {"method": "samed", "trainable_parameters": 1, "optimizer_state_bytes": 2, "peak_memory_bytes": 3,
               "median_step_seconds": 0.5}
-    monkeypatch.setattr(benchmark, "_run_in_fresh_process", lambda name, *a, **k: {**result, "method": name})
+    monkeypatch.setattr(benchmark, "run_worker_in_fresh_process", lambda name, *a, **k: {**result, "method": name})
     monkeypatch.setattr(benchmark, "render_markdown", lambda report: "| table |\n")
     written = []
     real = benchmark.write_text_atomic

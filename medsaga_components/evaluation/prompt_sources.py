@@ -269,8 +269,10 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
     test = [k for start, stop in slabs["test"] for k in range(start, stop)]
     results = evaluate_prompt_sources(network, volume, label.astype(np.int64), 2, labelled, test, names, wanted,
                                       voxel_spacing(affine), jitter, seed)
-    note = (f"{task}, model {model} (image encoder in {'bf16' if uses_bf16(network) else 'float32'}), labelled slices {labelled} (k = {shots}), test slices {test[0]}..{test[-1]}; "
-            f"3-D boxes jittered by up to {jitter:.0%} of each side's extent (seed {seed}).")
+    precision = "bf16" if uses_bf16(network) else "float32"
+    note = (f"{task}, model {model} (image encoder in {precision}), labelled slices {labelled} (k = {shots}), "
+            f"test slices {test[0]}..{test[-1]}; 3-D boxes jittered by up to {jitter:.0%} of each side's extent "
+            f"(seed {seed}).")
     out_dir = Path(out)
     write_json_atomic(out_dir / "prompt_sources.json", {"task": task, "model": model, "labelled": labelled,
                                                         "test": test, "results": results})
