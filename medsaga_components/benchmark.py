@@ -176,6 +176,18 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return tensor_bytes_in(dict(optimizer.state))
 
 
+def static_memory_bytes(network: nn.Module, optimizer: torch.optim.Optimizer, layerwise_steps: bool) -> dict[str, int]:
+    """What training holds whatever the batch: ``weights`` (parameters and buffers), the
+    ``gradients`` that coexist (every trainable one, or the largest single one with per-layer
+    steps) and the ``optimizer_state`` (after a step)."""
+    gradient_sizes = [p.numel() * p.element_size() for p in network.parameters() if p.requires_grad] or [0]
+    return {
+        "weights": sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()]),
+        "gradients": max(gradient_sizes) if layerwise_steps else sum(gradient_sizes),
+        "optimizer_state": optimizer_state_bytes(optimizer),
+    }
+
+
 def storage_key(t: torch.Tensor) -> int:
     """What identifies ``t``'s storage, shared by its views; also on the meta device, where every
     ``data_ptr()`` is 0 (the storage implementation's address, ``_cdata``)."""
@@ -183,8 +195,10 @@ def storage_key(t: torch.Tensor) -> int:
 
 
 def saved_activation_bytes(network: nn.Module, images: torch.Tensor,
-                           encoder_name: str = "backbone.image_encoder", prompts: dict | None = None) -> dict[str, int]:
-    """Bytes that one training forward saves for backward, by encoder segment.
+                           encoder_name: str = "backbone.image_encoder", prompts: dict | None = None,
+                           **forward_kwargs: Any) -> dict[str, int]:
+    """Bytes that one training forward (``network(images, prompts, **forward_kwargs)``) saves for
+    backward, by encoder segment.
 
     Returns ``{segment qualified name: bytes}`` for every segment, plus ``"outside encoder
     segments"`` (decoder, prompt modules, glue). Weights (and views of them) are excluded;
@@ -218,7 +232,7 @@ def saved_activation_bytes(network: nn.Module, images: torch.Tensor,
     handles = [h for s in segments for h in (s.register_forward_pre_hook(enter), s.register_forward_hook(leave))]
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            network(images, prompts)
+            network(images, prompts, **forward_kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -232,6 +246,16 @@ def synthetic_batch(batch: int, image_size: int, num_classes: int, seed: int,
     images = torch.rand(batch, 1, image_size, image_size, generator=generator)
     labels = torch.randint(0, num_classes + 1, (batch, 1, image_size, image_size), generator=generator)
     return images.to(device), labels.to(device)
+
+
+def synthetic_training_batch(method: str, batch: int, image_size: int, num_classes: int, seed: int,
+                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """:func:`synthetic_batch` and the prompts a bundle derives from the labels for ``method``
+    (its box or point kind), or None for a method without prompts: ``(images, labels, prompts)``."""
+    images, labels = synthetic_batch(batch, image_size, num_classes, seed, device)
+    kind = METHODS[method].prompt
+    prompts = prompts_from_labels(labels, num_classes, kind) if kind in PROMPT_FROM_LABEL_KINDS else None
+    return images, labels, prompts
 
 
 # --- one method, in its own process --------------------------------------------------------
@@ -260,10 +284,7 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
     optimizer = enable_memory_efficient_training(network, build_optimizer(base, network), memory_config)
     loss_function = build_loss(base)
     size = network.image_size
-    images, labels = synthetic_batch(batch, size, num_classes, seed, dev)
-    # point/box methods: the prompts a bundle feeds them, from the labels
-    prompt_kind = METHODS[base].prompt
-    prompts = prompts_from_labels(labels, num_classes, prompt_kind) if prompt_kind in PROMPT_FROM_LABEL_KINDS else None
+    images, labels, prompts = synthetic_training_batch(base, batch, size, num_classes, seed, dev)
     ready = memory_bytes(dev, peak=False)
 
     losses, step_times = [], []
@@ -296,10 +317,8 @@ def run_worker(method: str, backbone: str, image_size: int | None, batch: int, s
     network.train()
 
     trainable = [p for p in network.parameters() if p.requires_grad]
-    weight_bytes = sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()])
-    grad_sizes = [p.numel() * p.element_size() for p in trainable] or [0]
-    gradients_at_once = max(grad_sizes) if memory_config.layerwise_steps else sum(grad_sizes)
-    state_bytes = optimizer_state_bytes(optimizer)
+    static = static_memory_bytes(network, optimizer, memory_config.layerwise_steps)
+    weight_bytes, gradients_at_once, state_bytes = static["weights"], static["gradients"], static["optimizer_state"]
     # what one segment saves, measured without checkpointing (bf16 autocast, where on, stays on)
     set_segment_forwards(network.backbone.image_encoder, checkpointed=False,
                          no_grad_when_frozen=memory_config.frozen_without_grad)

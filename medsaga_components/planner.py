@@ -39,11 +39,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from medsaga_components.benchmark import (CPU_ALLOCATORS, method_list, optimizer_state_bytes, run_worker_in_fresh_process,
-                                          saved_activation_bytes, storage_key, synthetic_batch)
+from medsaga_components.benchmark import (CPU_ALLOCATORS, method_list, run_worker_in_fresh_process, saved_activation_bytes,
+                                          static_memory_bytes, storage_key, synthetic_training_batch)
 from medsaga_components.io.atomic import write_json_atomic, write_text_atomic
 from medsaga_components.methods import METHODS, build_network, build_optimizer
-from medsaga_components.prompts.from_labels import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
 from medsaga_components.training.memory import encoder_segments, set_segment_forwards
 
 MODES = ("plain", "memory_efficient")
@@ -82,19 +81,14 @@ def static_bytes(setup: TrainingSetup, network: nn.Module | None = None) -> dict
     """Weights and buffers, coexisting gradients and optimiser state of ``setup`` (float32)."""
     network = _build(setup) if network is None else network
     trainable = [p for p in network.parameters() if p.requires_grad]
-    gradient_sizes = [p.numel() * p.element_size() for p in trainable] or [0]
     optimizer = build_optimizer(setup.method, network)
     for p in trainable:  # one step on random gradients creates the state (GaLore: its projections)
         p.grad = torch.randn_like(p)
     optimizer.step()
     for p in trainable:
         p.grad = None
-    return {
-        "weights": sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()]),
-        # per-layer steps (the memory-efficient mode) hold one gradient at a time
-        "gradients": max(gradient_sizes) if setup.memory_efficient else sum(gradient_sizes),
-        "optimizer_state": optimizer_state_bytes(optimizer),
-    }
+    # the memory-efficient mode steps per layer: one gradient at a time
+    return static_memory_bytes(network, optimizer, layerwise_steps=setup.memory_efficient)
 
 
 class _EncoderOnly(nn.Module):
@@ -140,22 +134,9 @@ def _saved_outside_encoder(network: nn.Module, method: str, embedding_shape: tor
     """Bytes the decoder, prompt modules and glue save for one image, on CPU from a stand-in
     embedding that needs a gradient (as the encoder's output does in training). Prompt kinds read
     values (points inside the image, first-batch calibration), so this part cannot run on meta."""
-    images, labels = synthetic_batch(1, network.image_size, NUM_CLASSES, 0, torch.device("cpu"))
-    kind = METHODS[method].prompt
-    prompts = prompts_from_labels(labels, NUM_CLASSES, kind) if kind in PROMPT_FROM_LABEL_KINDS else None
-    embeddings = torch.zeros(embedding_shape, requires_grad=True)
-    weights = {storage_key(t) for t in [*network.parameters(), *network.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if storage_key(t) not in weights:
-            seen[storage_key(t)] = t.untyped_storage().nbytes()
-        return t
-
-    network.train()
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        network(images, prompts, embeddings=embeddings)
-    return sum(seen.values())
+    images, _, prompts = synthetic_training_batch(method, 1, network.image_size, NUM_CLASSES, 0, torch.device("cpu"))
+    embeddings = torch.zeros(embedding_shape, requires_grad=True)  # the encoder does not run: all is outside it
+    return saved_activation_bytes(network.train(), images, prompts=prompts, embeddings=embeddings)[OUTSIDE]
 
 
 def activation_bytes_per_image(setup: TrainingSetup, network: nn.Module | None = None) -> int:

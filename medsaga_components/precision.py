@@ -86,15 +86,14 @@ def use_bf16(network: nn.Module, setting: Any = AUTO, encoder_name: str = "backb
     (in place), so a bundle config can write ``use_bf16(@network_def.to(@device), @bf16)``."""
     device = next(network.parameters()).device
     encoder = image_encoder_of(network, encoder_name)
-    on = resolve_bf16(setting, device)
+    native, on = native_bf16(device), resolve_bf16(setting, device)
     EncoderAutocast.remove(encoder)
     if on:
-        if not native_bf16(device):
+        if not native:
             logger.warning("bf16 forced on for %s, which has no native bf16: it is emulated and slower than float32",
                            device)
         EncoderAutocast(encoder).install()
-    where = f"CPU with {', '.join(cpu_bf16_instructions())}" if device.type == "cpu" and native_bf16(device) \
-        else str(device)
+    where = f"CPU with {', '.join(cpu_bf16_instructions())}" if device.type == "cpu" and native else str(device)
     logger.info("image encoder precision: %s (bf16=%s, %s)", "bf16 autocast" if on else "float32", setting, where)
     return network
 

@@ -8,11 +8,10 @@ import sys
 import pytest
 import torch
 
-from medsaga_components.benchmark import saved_activation_bytes, synthetic_batch
-from medsaga_components.methods import METHODS, build_network
+from medsaga_components.benchmark import saved_activation_bytes, synthetic_training_batch
+from medsaga_components.methods import build_network
 from medsaga_components.planner import (MODEL_PATH, MODES, MemoryModel, TrainingSetup, activation_bytes_per_image,
                                         features, parse_memory, plan_command)
-from medsaga_components.prompts.from_labels import PROMPT_FROM_LABEL_KINDS, prompts_from_labels
 
 
 def test_memory_sizes_read_as_users_write_them():
@@ -28,9 +27,7 @@ def test_counted_activations_equal_a_real_forwards_saved_tensors(method):
     CPU forward of the whole network saves (plain mode)."""
     torch.manual_seed(0)
     network = build_network(method, "vit_tiny", num_classes=2, checkpoint=None, image_size=32)
-    images, labels = synthetic_batch(1, 32, 2, 0, torch.device("cpu"))
-    kind = METHODS[method].prompt
-    prompts = prompts_from_labels(labels, 2, kind) if kind in PROMPT_FROM_LABEL_KINDS else None
+    images, _, prompts = synthetic_training_batch(method, 1, 32, 2, 0, torch.device("cpu"))
     real = sum(saved_activation_bytes(network.train(), images, prompts=prompts).values())
     counted = activation_bytes_per_image(TrainingSetup(method, "vit_tiny", 32, False), network)
     assert counted == real > 0

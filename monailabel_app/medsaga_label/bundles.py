@@ -106,7 +106,7 @@ class ServedBundle:
     @property
     def bf16(self) -> str | bool:
         """``inference.json``'s ``bf16`` (``"auto"``: bf16 autocast where the device runs it natively)."""
-        return self.parser.get("bf16", False)
+        return self.parser.get_parsed_content("bf16", default=False)
 
     def build_network(self) -> torch.nn.Module:
         """A new plain network from ``network_def`` (weights not loaded)."""
