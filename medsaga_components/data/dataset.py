@@ -126,7 +126,7 @@ class SliceDataset(Dataset):
             classes = None
             if label is not None:
                 label_path = self.dataset.resolve(label)
-                values, _ = read_label(label_path)
+                values, _ = read_label(label_path, self.dataset.resolve(volume), self.dataset.roi_labels)
                 if values.shape != image.shape:
                     raise DatasetError(f"{label_path}: shape {values.shape} differs from image {volume} "
                                        f"shape {image.shape}")

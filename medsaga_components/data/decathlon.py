@@ -7,10 +7,13 @@ The format::
      "training":   [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}, ...],
      "validation": [{"image": ..., "label": ...}],   # optional
      "test":       ["imagesTs/b.nii.gz", {"image": ..., "label": ...}],  # optional
-     "nonfinite_fill": 0}                            # optional: replaces NaN/inf voxels
+     "nonfinite_fill": 0,                            # optional: replaces NaN/inf voxels
+     "roi_names": {"GTV-1": "tumour", "BODY": null}} # optional: RTSTRUCT ROI -> label name
 
-Paths are relative to the json file. Images are NIfTI volumes or 2-D PNGs (masks then are
-PNGs whose pixel values are the label values).
+Paths are relative to the json file. Images are NIfTI volumes, 2-D PNGs (masks then are
+PNGs whose pixel values are the label values) or DICOM series folders, whose labels may be
+RTSTRUCT files (``.dcm``): their ROIs take the value of the label of the same name, or of the
+one ``roi_names`` maps them to (``null``: left out); see ``rtstruct``.
 
 ``load_decathlon`` checks the json itself; ``validate_dataset`` also reads every listed file in
 full (a truncated file has a valid header), so that a broken dataset fails before training with
@@ -63,6 +66,7 @@ class DecathlonDataset:
     labels: dict[int, str]  # declared label value -> name, ascending, 0 first
     splits: dict[str, tuple[DatasetEntry, ...]] = field(default_factory=dict)
     nonfinite_fill: float | None = None  # value replacing NaN/inf image voxels; None refuses them
+    roi_names: dict[str, str | None] = field(default_factory=dict)  # RTSTRUCT ROI name -> label name or None
 
     @property
     def root(self) -> Path:
@@ -76,6 +80,16 @@ class DecathlonDataset:
     def class_names(self) -> tuple[str, ...]:
         """Names by class index (index 0 is background)."""
         return tuple(self.labels.values())
+
+    @property
+    def roi_labels(self) -> dict[str, int | None]:
+        """RTSTRUCT ROI name -> label value: every foreground label's own name, then ``roi_names``."""
+        by_name = {name: value for value, name in self.labels.items() if value != 0}
+        return {**by_name, **{roi: None if name is None else by_name[name] for roi, name in self.roi_names.items()}}
+
+    def read_label(self, entry: DatasetEntry) -> np.ndarray:
+        """The label values [X, Y, Z] of ``entry`` (a label file, or an RTSTRUCT on its series)."""
+        return read_label(entry.label_path, entry.image_path, self.roi_labels)[0]
 
     @property
     def num_classes(self) -> int:
@@ -150,6 +164,16 @@ def _parse_nonfinite_fill(raw: Any, path: Path) -> float | None:
     return float(raw)
 
 
+def _parse_roi_names(raw: Any, labels: dict[int, str], path: Path) -> dict[str, str | None]:
+    if raw is None:
+        return {}
+    names = {name for value, name in labels.items() if value != 0}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and (v is None or v in names) for k, v in raw.items()):
+        raise DatasetError(f"{path}: key 'roi_names' must map RTSTRUCT ROI names to label names {sorted(names)} "
+                           f"or null (left out), e.g. {{\"GTV-1\": \"{sorted(names)[0]}\"}}; got {raw!r}")
+    return dict(raw)
+
+
 def _parse_entries(raw: Any, split: str, path: Path, label_required: bool) -> tuple[DatasetEntry, ...]:
     if not isinstance(raw, list):
         raise DatasetError(f"{path}: key {split!r} must be a list of {{\"image\", \"label\"}} objects, got {type(raw).__name__}")
@@ -200,20 +224,23 @@ def load_decathlon(path: str | Path) -> DecathlonDataset:
                 raise DatasetError(f"{json_path}: image {entry.image} is listed in both "
                                    f"{seen[entry.image_path]!r} and {split!r}; splits must not share images")
             seen[entry.image_path] = split
+    labels = _parse_labels(raw["labels"], json_path)
     return DecathlonDataset(
         path=json_path,
         name=str(raw.get("name", json_path.parent.name)),
         modality=parse_modality(raw["modality"], json_path),
-        labels=_parse_labels(raw["labels"], json_path),
+        labels=labels,
         splits=splits,
         nonfinite_fill=_parse_nonfinite_fill(raw.get("nonfinite_fill"), json_path),
+        roi_names=_parse_roi_names(raw.get("roi_names"), labels, json_path),
     )
 
 
-def _entry_problems(entry: DatasetEntry, class_map: ClassMap, nonfinite_fill: float | None) -> list[str]:
+def _entry_problems(entry: DatasetEntry, dataset: DecathlonDataset) -> list[str]:
     """Everything wrong with one image/label pair, each message naming the file."""
+    class_map = dataset.class_map
     try:
-        image, image_affine = read_image(entry.image_path, nonfinite_fill)
+        image, image_affine = read_image(entry.image_path, dataset.nonfinite_fill)
     except VolumeReadError as exc:
         return [str(exc)]
     image_shape = image.shape
@@ -221,7 +248,7 @@ def _entry_problems(entry: DatasetEntry, class_map: ClassMap, nonfinite_fill: fl
     if entry.label_path is None:
         return []
     try:
-        labels, label_affine = read_label(entry.label_path)
+        labels, label_affine = read_label(entry.label_path, entry.image_path, dataset.roi_labels)
     except VolumeReadError as exc:
         return [str(exc)]
     problems = []
@@ -250,11 +277,10 @@ def validate_dataset(path: str | Path, splits: tuple[str, ...] = SPLITS) -> Deca
     declared in ``labels``, and the label map has a foreground voxel.
     """
     dataset = load_decathlon(path)
-    class_map = dataset.class_map
     problems = []
     for split in splits:
         for entry in dataset.entries(split):
-            problems.extend(f"[{split}] {p}" for p in _entry_problems(entry, class_map, dataset.nonfinite_fill))
+            problems.extend(f"[{split}] {p}" for p in _entry_problems(entry, dataset))
     if problems:
         shown = "\n  - ".join(problems[:20])
         more = f"\n  (+{len(problems) - 20} more)" if len(problems) > 20 else ""

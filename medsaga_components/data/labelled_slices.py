@@ -14,7 +14,6 @@ from medsaga_components.data.decathlon import DatasetEntry, DecathlonDataset, Da
 from medsaga_components.data.labels import UndeclaredLabelError
 from medsaga_components.data.manifest import SliceRef
 from medsaga_components.data.slicing import check_axis, volume_to_slices
-from medsaga_components.data.volume_io import read_label
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ def scan_volume(dataset: DecathlonDataset, entry: DatasetEntry, volume_order: in
     axis = check_axis(axis)
     if entry.label_path is None:
         raise DatasetError(f"{dataset.path}: {entry.image} has no label; few-shot slices need label maps")
-    values, _ = read_label(entry.label_path)
+    values = dataset.read_label(entry)
     try:
         classes = volume_to_slices(dataset.class_map.to_indices(values), axis)  # [N, A, B]
     except UndeclaredLabelError as exc:

@@ -149,3 +149,48 @@ def ensure_radiomics_phantom(root: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+# The demo task: leave one patient out. Fold f tests on patient f, chooses the model on the next
+# patient (a validation patient: a model is never chosen on its own test patient) and takes its
+# few-shot slices from the other two.
+VERSION = 1
+FOLDS = (1, 2, 3, 4)
+LABELS = {"0": "background", "1": "tumour"}
+ROI_NAMES = {ROI_NAME: "tumour"}
+
+
+def fold_patients(fold: int) -> dict[str, list[str]]:
+    """``{"training": [...], "validation": [...], "test": [...]}`` patient names of ``fold`` (1-4)."""
+    if fold not in FOLDS:
+        raise ValueError(f"fold {fold!r} unknown, expected one of {list(FOLDS)}")
+    test = PATIENTS[fold - 1]
+    validation = PATIENTS[fold % len(PATIENTS)]
+    return {"training": [p for p in PATIENTS if p not in (test, validation)], "validation": [validation],
+            "test": [test]}
+
+
+def write_fold(folder: Path, fold: int, root: str | Path | None = None) -> dict:
+    """Copy the four patients' series and RTSTRUCTs into ``folder``; returns fold ``fold``'s
+    dataset.json contents (the caller writes it), read straight from DICOM + RTSTRUCT."""
+    source = ensure_radiomics_phantom(root)
+    for patient in PATIENTS:
+        shutil.copytree(ct_folder(source, patient), ct_folder(folder, patient))
+        shutil.copy2(rtstruct_file(source, patient), rtstruct_file(folder, patient))
+    shutil.copy2(source / "README_LICENSE.txt", folder / "README_LICENSE.txt")
+    entry = lambda p: {"image": f"{p}/CT", "label": f"{p}/RTSTRUCT.dcm"}  # noqa: E731
+    splits = {split: [entry(p) for p in patients] for split, patients in fold_patients(fold).items()}
+    return {
+        "name": f"radiomics-phantom-lung-gtv-fold{fold}",
+        "description": "Gross tumour volume (RTSTRUCT ROI GTV-1) of four lung-cancer CT patients, leave one "
+                       f"patient out: fold {fold} tests on {splits['test'][0]['image'].split('/')[0]}, validates on "
+                       f"{splits['validation'][0]['image'].split('/')[0]}, trains on the other two.",
+        "licence": LICENCE,
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": LABELS,
+        "roi_names": ROI_NAMES,
+        "numTraining": len(splits["training"]),
+        "numTest": len(splits["test"]),
+        **splits,
+    }

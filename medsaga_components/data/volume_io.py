@@ -1,8 +1,11 @@
-"""Reading the image and label files that a dataset.json lists: NIfTI volumes and 2-D PNGs.
+"""Reading the image and label files that a dataset.json lists: NIfTI volumes, 2-D PNGs, DICOM
+series (a folder) with RTSTRUCT labels (a ``.dcm`` file).
 
 Every reader returns a 3-D array and a 4x4 affine (voxel index -> world mm). A PNG becomes a
 volume one slice deep ([H, W] -> [H, W, 1], identity affine) so that slicing along axis 2
-handles 2-D data with no special case.
+handles 2-D data with no special case. A DICOM series is read by MONAI's ``PydicomReader``
+after ``dicom_series.check_series``; an RTSTRUCT is rasterised onto its series' grid
+(``rtstruct``), which is why ``read_label`` then needs the image and the ROI-to-label mapping.
 
 A file is only trusted once its voxels have been read: a truncated ``.nii.gz`` has a valid
 header and fails only when its data are decompressed, so every reader decompresses the whole
@@ -16,21 +19,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from medsaga_components.data.dicom_series import is_dicom_series, read_dicom_series
+from medsaga_components.data.errors import NonFiniteVoxelsError, VolumeReadError
+from medsaga_components.data.rtstruct import is_rtstruct, read_rtstruct
+
 
 logger = logging.getLogger(__name__)
 
 
-class VolumeReadError(ValueError):
-    """An image or label file cannot be read as a single-channel 2-D/3-D array."""
-
-
-class NonFiniteVoxelsError(VolumeReadError):
-    """An image holds NaN or infinite voxels and no replacement value was given."""
 
 
 def is_png(path: str | Path) -> bool:
@@ -46,7 +48,8 @@ def _check_format(path: Path) -> None:
     if not path.is_file():
         raise VolumeReadError(f"file not found: {path}")
     if not (is_png(path) or is_nifti(path)):
-        raise VolumeReadError(f"{path}: unsupported file type, expected .nii, .nii.gz or .png")
+        raise VolumeReadError(f"{path}: unsupported file type, expected .nii, .nii.gz or .png, or a folder "
+                              "holding one DICOM series")
 
 
 def _as_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
@@ -133,6 +136,9 @@ def _png_array(path: Path, for_label: bool) -> np.ndarray:
 def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape (3-D) and affine [4, 4] of a file, from its header only where possible."""
     path = Path(path)
+    if is_dicom_series(path):
+        image, affine = read_dicom_series(path)
+        return image.shape, affine
     _check_format(path)
     if is_png(path):
         try:
@@ -158,6 +164,9 @@ def read_image(path: str | Path, nonfinite_fill: float | None = None) -> tuple[n
     NaN/inf voxels raise ``NonFiniteVoxelsError`` unless ``nonfinite_fill`` gives their value.
     """
     path = Path(path)
+    if is_dicom_series(path):
+        data, affine = read_dicom_series(path)
+        return replace_nonfinite(data, path, nonfinite_fill), affine
     img = _open_volume(path)
     if img is None:
         return _png_array(path, for_label=False).astype(np.float32)[:, :, None], np.eye(4)
@@ -167,13 +176,22 @@ def read_image(path: str | Path, nonfinite_fill: float | None = None) -> tuple[n
     return replace_nonfinite(data, path, nonfinite_fill), np.asarray(img.affine, dtype=np.float64)
 
 
-def read_label(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_label(path: str | Path, image: str | Path | None = None,
+               roi_labels: Mapping[str, int | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Label map -> (int64 array [X, Y, Z] of label values, affine [4, 4]).
 
     Labels stored as floats are accepted only when every value is a whole number, because a
-    fractional label (a resampled mask, a probability map) has no class.
+    fractional label (a resampled mask, a probability map) has no class. An RTSTRUCT (``.dcm``)
+    is rasterised onto ``image`` (its DICOM series folder), its ROIs named by ``roi_labels``
+    (``DecathlonDataset.roi_labels``: ROI name -> label value, None to leave one out).
     """
     path = Path(path)
+    if is_rtstruct(path):
+        if image is None or roi_labels is None or not is_dicom_series(image):
+            raise VolumeReadError(f"{path}: an RTSTRUCT label needs its image, a DICOM series folder, and the "
+                                  f"dataset's label names to be read (got image {image})")
+        shape, affine = read_geometry(image)
+        return read_rtstruct(path, image, roi_labels, shape, affine), affine
     img = _open_volume(path)
     if img is None:
         return _png_array(path, for_label=True).astype(np.int64)[:, :, None], np.eye(4)

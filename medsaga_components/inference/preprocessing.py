@@ -8,11 +8,22 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.data import MetaTensor, PydicomReader
+from monai.transforms import LoadImaged, MapTransform
 
 from medsaga_components.data.intensity import scale_intensity
 from medsaga_components.data.volume_io import read_image
+
+
+class LoadVolumed(LoadImaged):
+    """MONAI's ``LoadImaged`` that also reads a folder as a DICOM series, with MONAI's
+    ``PydicomReader`` (as training does: ``data.dicom_series``); files still go to the reader
+    their suffix selects (NIfTI: nibabel)."""
+
+    def __init__(self, keys: Sequence[Hashable], **kwargs) -> None:
+        super().__init__(keys, **kwargs)
+        # Registered last, tried first; it only claims folders and .dcm files.
+        self._loader.register(PydicomReader())
 
 
 class ScaleIntensityForModalityd(MapTransform):

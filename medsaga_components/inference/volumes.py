@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pydicom
+
 from medsaga_components.data.decathlon import parse_modality
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
@@ -14,25 +16,34 @@ def list_volumes(dataset_dir: str | Path) -> list[dict[str, str]]:
     """``[{"image": path}]`` for every volume to segment in ``dataset_dir``.
 
     A folder with a Decathlon ``dataset.json`` gives its ``test`` images (paths relative to
-    the file); any other folder gives its NIfTI files, sorted. An empty result is an error
-    that names the folder, not an inference run that silently writes nothing.
+    the file: NIfTI files or DICOM series folders); any other folder gives its NIfTI files and
+    its subfolders of DICOM files (one series each), sorted. An empty result is an error that
+    names the folder, not an inference run that silently writes nothing.
     """
     folder = Path(dataset_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"dataset_dir {folder} is not a folder of NIfTI volumes")
+        raise FileNotFoundError(f"dataset_dir {folder} is not a folder of NIfTI volumes or DICOM series")
     description = folder / "dataset.json"
     if description.is_file():
         entries = json.loads(description.read_text()).get("test", [])
         images = [folder / (e["image"] if isinstance(e, dict) else e) for e in entries]
     else:
-        images = sorted(p for p in folder.iterdir() if p.name.endswith(VOLUME_SUFFIXES))
-    missing = [str(p) for p in images if not p.is_file()]
+        images = sorted(p for p in folder.iterdir() if p.name.endswith(VOLUME_SUFFIXES) or _holds_dicom(p))
+    missing = [str(p) for p in images if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{description}: test images not found: {missing}")
     if not images:
-        raise FileNotFoundError(f"no volumes to segment in {folder}: expected *.nii.gz files or a dataset.json "
-                                "with a 'test' list")
+        raise FileNotFoundError(f"no volumes to segment in {folder}: expected *.nii.gz files, folders of DICOM "
+                                "series, or a dataset.json with a 'test' list")
     return [{"image": str(p)} for p in images]
+
+
+def _holds_dicom(path: Path) -> bool:
+    """A subfolder whose first file is DICOM (``dicom_series.check_series`` checks the rest)."""
+    if not path.is_dir():
+        return False
+    first = next((p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")), None)
+    return first is not None and pydicom.misc.is_dicom(str(first))
 
 
 def dataset_modality(dataset_dir: str | Path, default: str = "MRI") -> str:
