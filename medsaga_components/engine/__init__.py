@@ -5,12 +5,12 @@ inference in ``inference/``, prompts in ``prompts/``, the test evaluation in ``e
 from medsaga_components.bundle_config import find_bundle_root
 from medsaga_components.evaluation.test_volumes import EvaluateOnTestVolumes, evaluation_points
 from medsaga_components.inference.model import check_model_file, served_labels
-from medsaga_components.inference.preprocessing import CheckVolumed, ScaleIntensityForModalityd, check_volumes
+from medsaga_components.inference.preprocessing import CheckVolumed, LoadVolumed, ScaleIntensityForModalityd, check_volumes
 from medsaga_components.inference.slices import SquareSliceInferer
 from medsaga_components.inference.two_pass import TwoPassBoxSegmenter, TwoPassInferer, TwoPassPointSegmenter
 from medsaga_components.inference.volume import VolumePrompts
 from medsaga_components.inference.volumes import dataset_modality, list_volumes
-from medsaga_components.inference.writer import register_atomic_nifti_writer
+from medsaga_components.inference.writer import DicomSegWriter, prediction_saver, register_atomic_nifti_writer
 from medsaga_components.inference.zoom import ZoomInferer
 from medsaga_components.precision import use_bf16
 from medsaga_components.prompts.box_batches import McpPrepareBatch
@@ -23,10 +23,10 @@ from medsaga_components.training.setup import prepare_training
 from medsaga_components.training.stopping import TrainUntilPlateau
 
 __all__ = [
-    "CheckVolumed", "check_volumes", "EvaluateOnTestVolumes", "FewShotExperiment", "McpPrepareBatch", "PromptsFromLabels", "SaveBestPlainModel",
+    "CheckVolumed", "check_volumes", "DicomSegWriter", "LoadVolumed", "EvaluateOnTestVolumes", "FewShotExperiment", "McpPrepareBatch", "PromptsFromLabels", "SaveBestPlainModel",
     "ScaleIntensityForModalityd", "SquareSliceInferer", "TrainUntilPlateau", "TwoPassBoxSegmenter", "TwoPassInferer",
     "TwoPassPointSegmenter", "ZoomInferer", "check_model_file", "dataset_modality",
     "enable_memory_efficient_training", "evaluation_points",
     "experiment_dataset", "handlers_for_this_process", "find_bundle_root", "keep_freed_cpu_memory", "list_volumes",
-    "prepare_training", "register_atomic_nifti_writer", "served_labels", "use_bf16", "VolumePrompts",
+    "prediction_saver", "prepare_training", "register_atomic_nifti_writer", "served_labels", "use_bf16", "VolumePrompts",
 ]

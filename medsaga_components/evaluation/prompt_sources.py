@@ -29,6 +29,7 @@ import torch
 from monai.metrics import compute_surface_dice
 from torch import nn
 
+from medsaga_components import SamSegmenter
 from medsaga_components.evaluation.metrics import evaluate_volume
 from medsaga_components.inference.prompted import in_plane_axes
 from medsaga_components.inference.slices import SquareSliceInferer
@@ -191,6 +192,156 @@ def evaluate_prompt_sources(network: nn.Module, image: torch.Tensor, label: np.n
         log(f"{source}{' (oracle)' if source == ORACLE else ''}: mean Dice {scored['mean_dice']:.3f} ({dice}), "
             f"{seconds:.0f} s, {len(slices.encoded)} slices encoded")
     return results
+
+
+def markdown_table(results: dict, prompts_note: str = "") -> str:
+    """One row per source: per-class Dice, mean Dice, NSD, HD95, seconds, slices encoded."""
+    lines = ["| prompts | per-class Dice | mean Dice | mean NSD (2 mm) | mean HD95 (mm) | seconds | slices encoded | "
+             "time / encoder time |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for source, r in results.items():
+        name = f"{source} (oracle)" if r["oracle"] else source
+        dice = " / ".join(f"{c['dice']:.3f}" for c in r["per_class"])
+        nsd = "" if r["mean_nsd"] is None else f"{r['mean_nsd']:.3f}"
+        hd95 = "" if r["mean_hd95_mm"] is None else f"{r['mean_hd95_mm']:.2f}"
+        ratio = f"{r['seconds'] / r['encoder_seconds']:.2f}" if r.get("encoder_seconds") else ""
+        lines.append(f"| {name} | {dice} | {r['mean_dice']:.3f} | {nsd} | {hd95} | {r['seconds']:.0f} | "
+                     f"{r['encoder_passes']} | {ratio} |")
+    return "\n".join(lines) + ("\n\n" + prompts_note if prompts_note else "") + "\n"
+
+
+def demo_labelled_slices(task: str, shots: int = 5, dataset_dir: str | None = None) -> list[int]:
+    """The bundles' default few-shot slices of a demo task (``spacing="even"``, seed 0) as slice
+    indices of the whole volume (each slab's start added back)."""
+    import tempfile
+
+    from medsaga_components.data.demo import load_demo_volume, write_demo_dataset
+    from medsaga_components.data.fewshot import select_few_shot_slices
+    from medsaga_components.data.decathlon import load_decathlon
+
+    folder = dataset_dir or tempfile.mkdtemp(prefix=f"medsaga_{task}_")
+    json_path = write_demo_dataset(folder, task=task) if dataset_dir is None else f"{folder}/dataset.json"
+    dataset = load_decathlon(json_path)
+    starts = {entry.image: start for entry, (start, _) in zip(dataset.splits["training"], load_demo_volume(task)[3]["training"])}
+    return sorted(starts[ref.volume] + ref.slice_index for ref in select_few_shot_slices(dataset, shots, spacing="even"))
+
+
+def prompt_sources_command(task: str = "small_structures", model: str = "zero_shot", out: str = "prompt_sources",
+                           shots: int = 5, sources: str | Sequence[str] | None = None,
+                           jitter: float = 0.05,
+                           seed: int = 0, backbone: str = "lite_medsam", image_size: int = 256,
+                           per_structure: bool = True, threads: int | None = None, bf16: str | bool = False,
+                           dataset_dir: str | None = None) -> dict:
+    """``medsaga prompt-sources``: every prompt source side by side on a demo task's test slab.
+
+    ``model``: ``zero_shot`` (pretrained LiteMedSAM asked with boxes) or the ``models/model.pt`` of a
+    bundle trained in box mode (``configs/boxes.json``; ``per_structure``: its box-free first pass boxes
+    each structure, as a model trained with ``--box_per_structure true``). ``bf16``: as the bundles'
+    key (``precision.py``). Writes ``out/prompt_sources.json`` and ``.md``.
+
+    ``dataset_dir``: score the labelled ``test`` volumes of that dataset.json instead, every slice
+    of each (a cross-patient task such as ``lung_tumour_fold1``: the test patient has no labelled
+    slice, so the sources are the user's 3-D boxes, clicks, no prompt and the oracle); the scores
+    of several test volumes are averaged per source.
+    """
+    from pathlib import Path
+
+    from medsaga_components.inference.model import load_plain_model
+    from medsaga_components.io.atomic import write_json_atomic, write_text_atomic
+    from medsaga_components.precision import use_bf16, uses_bf16
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    volumes, labelled, names, note = (_dataset_test_volumes(dataset_dir) if dataset_dir is not None
+                                      else _demo_test_volume(task, shots))
+    network = SamSegmenter(backbone, len(names) - 1, checkpoint="pretrained" if model == "zero_shot" else None,
+                           image_size=image_size, prompt="boxes" if model == "zero_shot" else "mcp")
+    if model != "zero_shot":
+        from medsaga_components.inference.two_pass import TwoPassBoxSegmenter
+
+        network = load_plain_model(TwoPassBoxSegmenter(backbone, len(names) - 1, checkpoint=None, image_size=image_size,
+                                                       modality_prompt=False, content_prompt=False,
+                                                       per_structure=per_structure), model)
+    network = use_bf16(network.eval(), bf16)
+    if sources is None:
+        sources = PROMPT_SOURCES + BASELINES if labelled else ("box_3d", "click", ORACLE, "none")
+    # fire hands "a,b" over as a tuple; a string may come from Python
+    wanted = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources) if s.strip()]
+    if model == "zero_shot":
+        wanted = [s for s in wanted if s != "none"]  # no class tokens: nothing to ask without a prompt
+    if not labelled and set(wanted) & {"labelled_slices", "copy_nearest"}:
+        raise ValueError("the test volumes of a dataset_dir have no labelled slices: leave out labelled_slices "
+                         "and copy_nearest")
+    per_volume = {}
+    for name, (volume, label, spacing, test) in volumes.items():
+        per_volume[name] = evaluate_prompt_sources(network, volume, label, 2, labelled, test, names, wanted,
+                                                   spacing, jitter, seed)
+    results = per_volume[next(iter(per_volume))] if len(per_volume) == 1 else average_results(per_volume)
+    precision = "bf16" if uses_bf16(network) else "float32"
+    note = (f"{note}, model {model} (image encoder in {precision}); 3-D boxes jittered by up to {jitter:.0%} of each "
+            f"side's extent (seed {seed}).")
+    out_dir = Path(out)
+    write_json_atomic(out_dir / "prompt_sources.json", {"task": dataset_dir or task, "model": model,
+                                                        "labelled": labelled, "results": results,
+                                                        "per_volume": per_volume})
+    write_text_atomic(out_dir / "prompt_sources.md", markdown_table(results, note))
+    return {source: round(r["mean_dice"], 4) for source, r in results.items()}
+
+
+def _demo_test_volume(task: str, shots: int):
+    """A demo task's whole volume, its k labelled slices and test slab (slice indices)."""
+    from medsaga_components.data.demo import LABELS, SMALL_STRUCTURES, load_demo_volume
+    from medsaga_components.data.demo_small_structures import LABELS as SMALL_LABELS
+    from medsaga_components.data.intensity import scale_intensity
+    from medsaga_components.evaluation.metrics import voxel_spacing
+
+    names = list((SMALL_LABELS if task == SMALL_STRUCTURES else LABELS).values())
+    image, label, affine, slabs = load_demo_volume(task)
+    volume = torch.from_numpy(scale_intensity(image.astype(np.float32), "MRI"))[None]
+    labelled = demo_labelled_slices(task, shots)
+    test = [k for start, stop in slabs["test"] for k in range(start, stop)]
+    note = f"{task}, labelled slices {labelled} (k = {shots}), test slices {test[0]}..{test[-1]}"
+    return {task: (volume, label.astype(np.int64), voxel_spacing(affine), test)}, labelled, names, note
+
+
+def _dataset_test_volumes(dataset_dir: str):
+    """Every labelled test volume of a dataset.json, whole (all its slices along axis 2)."""
+    from medsaga_components.data.decathlon import load_decathlon
+    from medsaga_components.data.intensity import scale_intensity
+    from medsaga_components.data.volume_io import read_image
+    from medsaga_components.evaluation.metrics import voxel_spacing
+
+    dataset = load_decathlon(dataset_dir)
+    volumes = {}
+    for entry in dataset.entries("test"):
+        if entry.label_path is None:
+            continue
+        image, affine = read_image(entry.image_path, dataset.nonfinite_fill)
+        label = dataset.class_map.to_indices(dataset.read_label(entry)).astype(np.int64)
+        volume = torch.from_numpy(scale_intensity(image, dataset.modality))[None]
+        volumes[entry.image] = (volume, label, voxel_spacing(affine), list(range(image.shape[2])))
+    if not volumes:
+        raise ValueError(f"{dataset.path}: no labelled test volume to score")
+    return volumes, [], list(dataset.class_names), f"{dataset.name}, test volumes {list(volumes)} (every slice)"
+
+
+def average_results(per_volume: dict[str, dict]) -> dict:
+    """Per source, the mean over volumes of each score (a class absent from a volume is skipped)."""
+    first = next(iter(per_volume.values()))
+    averaged = {}
+    for source, r in first.items():
+        runs = [v[source] for v in per_volume.values()]
+
+        def mean(values):
+            values = [x for x in values if x is not None]
+            return float(np.mean(values)) if values else None
+
+        per_class = [{key: c[key] if key == "name" else mean([run["per_class"][i][key] for run in runs])
+                      for key in c} for i, c in enumerate(r["per_class"])]
+        averaged[source] = {**{key: mean([run[key] for run in runs]) for key in
+                               ("mean_dice", "mean_hd95_mm", "mean_nsd", "seconds", "encoder_passes",
+                                "encoder_seconds", "decoder_calls")},
+                            "per_class": per_class, "oracle": r["oracle"]}
+    return averaged
 
 
 def markdown_table(results: dict, prompts_note: str = "") -> str:

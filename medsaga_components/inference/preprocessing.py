@@ -10,9 +10,18 @@ import numpy as np
 import torch
 from monai.data import MetaTensor, PydicomReader
 from monai.transforms import LoadImaged, MapTransform
+from monai.utils import ensure_tuple
 
 from medsaga_components.data.intensity import scale_intensity
 from medsaga_components.data.volume_io import read_image
+
+
+class DicomSeriesReader(PydicomReader):
+    """MONAI's ``PydicomReader`` claiming only folders (DICOM series) and ``.dcm`` files: its
+    own suffix check accepts any file, which would send NIfTI files to pydicom."""
+
+    def verify_suffix(self, filename) -> bool:
+        return all(Path(name).is_dir() or str(name).lower().endswith(".dcm") for name in ensure_tuple(filename))
 
 
 class LoadVolumed(LoadImaged):
@@ -22,8 +31,7 @@ class LoadVolumed(LoadImaged):
 
     def __init__(self, keys: Sequence[Hashable], **kwargs) -> None:
         super().__init__(keys, **kwargs)
-        # Registered last, tried first; it only claims folders and .dcm files.
-        self._loader.register(PydicomReader())
+        self._loader.register(DicomSeriesReader())  # registered last, asked first
 
 
 class ScaleIntensityForModalityd(MapTransform):

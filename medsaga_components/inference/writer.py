@@ -1,4 +1,4 @@
-"""Prediction files written atomically: MONAI's NIfTI writer behind a temporary name.
+"""Prediction files written atomically: MONAI's NIfTI writer behind a temporary name, and DICOM SEG.
 
 ``run inference`` writes its label maps with MONAI's ``SaveImaged``, whose writer saves straight
 onto the final name: a run stopped mid-file leaves a truncated ``*_seg.nii.gz`` that a pipeline
@@ -8,21 +8,37 @@ renames it (``io.atomic.atomic_path``: normal permissions, errors naming the tar
 ``register_atomic_nifti_writer`` puts it first in MONAI's writer table for ``.nii``/``.nii.gz``,
 so every ``SaveImage(d)`` created afterwards uses it with no change to the bundle configs; the
 bundles' configs import ``medsaga_components.engine``, which registers it.
+
+``prediction_saver`` is the ``SaveImaged`` of the bundles' ``inference.json`` for their
+``output_format`` key: ``"nifti"`` (the default, ``<volume>_seg.nii.gz``) or ``"dicom_seg"``
+(``<series folder>_seg.dcm``, a DICOM SEG referencing the input series, one segment per class:
+``io.dicom_seg``), written by ``DicomSegWriter``, a MONAI ``ImageWriter`` that any
+``SaveImage(d)`` can be given. DICOM SEG needs a DICOM series input; ``SeriesSegLayout`` refuses
+anything else before the writer runs (``SaveImage`` reports a writer's own errors as "cannot
+find a suitable writer", with the real error in the text below).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Mapping, Sequence
 
-from monai.data import NibabelWriter, register_writer
+import numpy as np
+from monai.data import FolderLayoutBase, ImageWriter, NibabelWriter, register_writer
 from monai.data.image_writer import SUPPORTED_WRITERS
 from monai.config import PathLike
+from monai.transforms import SaveImaged
 
+from medsaga_components.data.dicom_series import is_dicom_series
 from medsaga_components.io.atomic import atomic_path
+from medsaga_components.io.dicom_seg import foreground_class_names, write_dicom_seg
 
 logger = logging.getLogger(__name__)
 
 NIFTI_EXTENSIONS = ("nii", "nii.gz")
+OUTPUT_FORMATS = ("nifti", "dicom_seg")
+OUTPUT_POSTFIX = "seg"
 
 
 class AtomicNibabelWriter(NibabelWriter):
@@ -40,3 +56,94 @@ def register_atomic_nifti_writer() -> None:
     for extension in NIFTI_EXTENSIONS:
         if SUPPORTED_WRITERS.get(extension, ())[:1] != (AtomicNibabelWriter,):
             register_writer(extension, AtomicNibabelWriter)
+
+
+class DicomSegWriter(ImageWriter):
+    """A label map [C=1, X, Y, Z] and its metadata (``affine``; ``filename_or_obj``: the source
+    DICOM series folder) written as a DICOM SEG by ``io.dicom_seg.write_dicom_seg``.
+
+    ``class_names`` (a list with the background at index 0, or ``{name: value}`` as a bundle's
+    ``@labels``) and ``model_name`` come through ``SaveImage``'s ``init_kwargs``
+    (``SaveImaged(..., writer=DicomSegWriter).set_options(init_kwargs={"class_names": ...})``).
+    It never resamples: the SEG is on the source series' grid, which the label map must have.
+    """
+
+    def __init__(self, output_dtype=np.uint8, class_names: Sequence[str] | Mapping = (),
+                 model_name: str | None = None, **kwargs) -> None:
+        super().__init__(output_dtype=output_dtype, class_names=class_names, model_name=model_name,
+                         affine=None, source_series=None, **kwargs)
+
+    def set_data_array(self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs):
+        self.data_obj = self.convert_to_channel_last(data=data_array, channel_dim=channel_dim,
+                                                     squeeze_end_dims=squeeze_end_dims,
+                                                     spatial_ndim=kwargs.pop("spatial_ndim", 3))
+
+    def set_metadata(self, meta_dict: Mapping | None, resample: bool = False, **options):
+        meta = meta_dict or {}
+        self.source_series = meta.get("filename_or_obj")
+        self.affine = meta.get("affine")
+        if self.source_series is None:
+            raise ValueError("DICOM SEG output: the prediction's metadata names no source series (filename_or_obj)")
+
+    def write(self, filename: PathLike, verbose: bool = False, **kwargs) -> None:
+        array = np.asarray(self.create_backend_obj(self.data_obj))
+        affine = None if self.affine is None else np.asarray(self.create_backend_obj(self.affine), dtype=float)
+        write_dicom_seg(array, self.source_series, self.class_names, filename, affine=affine,
+                        model_name=self.model_name)
+        if verbose:
+            logger.info("writing: %s", filename)
+
+
+class SeriesSegLayout(FolderLayoutBase):
+    """Names a DICOM SEG ``<output_dir>/<series folder name>_<postfix>.dcm`` (MONAI's own layout
+    would cut a folder name at its last dot, ``1.2.840`` -> ``1.2``), and refuses an input that is
+    not a DICOM series folder with an error naming it."""
+
+    def __init__(self, output_dir: PathLike, postfix: str = OUTPUT_POSTFIX, data_root_dir: PathLike = "") -> None:
+        self.output_dir = Path(output_dir)
+        self.postfix = postfix
+        self.data_root_dir = data_root_dir
+
+    def filename(self, subject: PathLike = "", idx=None, **kwargs) -> Path:
+        source = Path(str(subject))
+        if not is_dicom_series(source):
+            raise ValueError(f"{source}: output_format 'dicom_seg' needs a DICOM series input (a folder of the "
+                             "series' .dcm files), and this input is not one; use output_format 'nifti' for it")
+        return self.output_dir / _subfolder(source, self.data_root_dir) / f"{source.name}_{self.postfix}.dcm"
+
+
+def _subfolder(source: Path, data_root_dir: PathLike) -> Path:
+    """``source``'s folder relative to ``data_root_dir`` (as MONAI's ``FolderLayout`` keeps it), so
+    that series folders of one name (``pat_1/CT``, ``pat_2/CT``) do not overwrite each other."""
+    try:
+        return source.resolve().parent.relative_to(Path(data_root_dir).resolve()) if data_root_dir else Path()
+    except ValueError:
+        return Path()
+
+
+def prediction_saver(output_dir: PathLike, output_format: str = "nifti",
+                     class_names: Sequence[str] | Mapping | None = None, model_name: str | None = None,
+                     data_root_dir: PathLike = "") -> SaveImaged:
+    """The ``SaveImaged`` (key ``pred``) that writes a bundle's predictions in ``output_format``.
+
+    ``"nifti"``: ``<volume>_seg.nii.gz`` beside nothing else, uint8, the input's geometry
+    (``AtomicNibabelWriter``). ``"dicom_seg"``: ``<series folder>_seg.dcm``, a DICOM SEG of the
+    input series with one segment per class of ``class_names`` (a list with the background at
+    index 0, or ``{name: value}`` as a bundle's ``@labels``), ``model_name`` recorded as the
+    algorithm's model. Any other format is an error naming the ``output_format`` key. Inputs in
+    subfolders of ``data_root_dir`` (the bundle's ``dataset_dir``) keep those subfolders under
+    ``output_dir``.
+    """
+    if output_format == "nifti":
+        register_atomic_nifti_writer()  # SaveImage picks its writer when it is built
+        return SaveImaged(keys="pred", output_dir=output_dir, output_postfix=OUTPUT_POSTFIX, output_dtype=np.uint8,
+                          resample=False, separate_folder=False, print_log=False, data_root_dir=data_root_dir)
+    if output_format == "dicom_seg":
+        if class_names is None:
+            raise ValueError("output_format 'dicom_seg' needs the class names, one segment label per class")
+        foreground_class_names(class_names)  # a bad list fails here, not after the first volume
+        saver = SaveImaged(keys="pred", output_dir=output_dir, output_postfix=OUTPUT_POSTFIX, output_ext=".dcm",
+                           output_dtype=np.uint8, resample=False, print_log=False, writer=DicomSegWriter,
+                           folder_layout=SeriesSegLayout(output_dir, data_root_dir=data_root_dir))
+        return saver.set_options(init_kwargs={"class_names": class_names, "model_name": model_name})
+    raise ValueError(f"output_format {output_format!r}: expected one of {', '.join(map(repr, OUTPUT_FORMATS))}")
