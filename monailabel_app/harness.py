@@ -38,20 +38,22 @@ class LabelServer:
 
     Args:
         python: MONAI Label's interpreter (``monailabel_python()``).
-        studies: the studies folder; bundles: the bundles folder the app serves.
+        studies: the studies folder (or a DICOMweb URL); bundles: the bundles folder the app serves.
         conf: further ``--conf`` pairs (values that are not strings are sent as JSON).
         log: file for the server's output.
+        env: further environment variables (MONAI Label's settings, e.g. ``MONAI_LABEL_DICOMWEB_CACHE_PATH``).
     """
 
     def __init__(self, python: str | Path, studies: str | Path, bundles: str | Path, log: str | Path,
-                 conf: Mapping[str, Any] | None = None, threads: int = 1) -> None:
+                 conf: Mapping[str, Any] | None = None, threads: int = 1, env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [str(python), "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies",
                    str(studies), "--host", "127.0.0.1", "--port", str(self.port), "--conf", "bundles", str(bundles)]
         for key, value in (conf or {}).items():
             command += ["--conf", key, value if isinstance(value, str) else json.dumps(value)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
+               **(env or {})}
         self.log = open(log, "w")
         # Its own process group: stop() ends the server and the training processes it started.
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,

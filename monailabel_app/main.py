@@ -16,7 +16,9 @@ Configuration (``monailabel start_server ... --conf KEY VALUE``):
 * ``train_overrides``: JSON of further train.json keys for every training (e.g. ``{"epochs": 4}``);
 * ``modality``: the studies' modality for intensity scaling (default ``MRI``; ``CT`` for CT).
 
-Start it with ``bash monailabel_app/start_server.sh STUDIES_DIR`` (binds 127.0.0.1).
+Start it with ``bash monailabel_app/start_server.sh STUDIES_DIR`` (binds 127.0.0.1). STUDIES_DIR
+may be a DICOMweb URL (a PACS, ``http://host:8042/dicom-web``): MONAI Label's DICOMweb
+datastore, final labels stored back as DICOM SEG (``medsaga_label/dicomweb.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if str(APP_DIR) not in sys.path:  # MONAI Label imports main.py by path
     sys.path.insert(0, str(APP_DIR))
 
 from medsaga_label.bundles import discover_bundles  # noqa: E402
+from medsaga_label.dicomweb import dicomweb_datastore  # noqa: E402
 from medsaga_label.infer import BundleSegmentation, PromptedBundleSegmentation  # noqa: E402
 from medsaga_label.train import BundleFewShotTraining  # noqa: E402
 
@@ -69,6 +72,15 @@ class MedsagaApp(MONAILabelApp):
                          description="Few-shot SAM adaptation (medsaga bundles): automatic and prompted "
                                      "segmentation, training from saved labels", version="0.1.0")
 
+    def _init_dicomweb_datastore(self):
+        # MONAI Label's DICOMweb datastore, its DICOM SEG written without dcmqi's downloaded binary.
+        labels = {}
+        for bundle in self.bundles.values():
+            labels.update({k: v for k, v in bundle.labels.items() if k not in labels})
+        by_model = {name: b.labels for name, b in self.bundles.items()}
+        by_model.update({f"{name}_prompted": b.labels for name, b in self.bundles.items()})
+        return dicomweb_datastore(self.studies, by_model, labels)
+
     def init_infers(self):
         infers = {}
         for name, bundle in self.bundles.items():
@@ -78,7 +90,9 @@ class MedsagaApp(MONAILabelApp):
         return infers
 
     def init_trainers(self):
-        work_dir = Path(self.studies) / ".medsaga_training"
+        # A PACS (DICOMweb URL): beside MONAI Label's local cache of its series.
+        store = self.datastore()
+        work_dir = Path(getattr(store, "cache_path", self.studies)) / ".medsaga_training"
         return {name: BundleFewShotTraining(bundle, work_dir, self.train_overrides, self.modality)
                 for name, bundle in self.bundles.items() if bundle.train_config is not None}
 

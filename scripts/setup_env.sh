@@ -28,3 +28,17 @@ if ! [ -f "$mricron/ch2.nii.gz" ] || ! [ -f "$mricron/aal.nii.gz" ] || ! [ -f "$
     echo "setup_env.sh: $mricron lacks the small-structure demo's files; as root: apt-get install mricron-data" >&2
   fi
 fi
+# The PACS test's server: Debian's Orthanc with its DICOMweb plugin (tests/test_pacs_orthanc.py
+# starts its own Orthanc for local clients with a throw-away config; it never uses the service
+# that the package starts on machines with systemd).
+# Installed only as root where apt-get exists and the program is missing; a failure here does
+# not stop the script (the test then says how to install it).
+if ! { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null 2>&1 || ! dpkg -s orthanc-dicomweb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        orthanc orthanc-dicomweb; } >/dev/null 2>&1 \
+      || echo "setup_env.sh: could not install Orthanc (apt-get install orthanc orthanc-dicomweb)" >&2
+  else
+    echo "setup_env.sh: Orthanc is missing for the PACS test; as root: apt-get install orthanc orthanc-dicomweb" >&2
+  fi
+fi

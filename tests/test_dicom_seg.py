@@ -1,4 +1,4 @@
-"""Predictions as DICOM SEG (``io.dicom_seg``, ``inference.writer.prediction_saver``), on a real
+"""Predictions as DICOM SEG (``inference.dicom_seg``, ``inference.writer.prediction_saver``), on a real
 DICOM series: a synthetic CT written with pydicom under shuffled file names, slices descending
 in patient z. Every check that matters goes back to the source files themselves: each SEG frame
 must point at the instance whose own pixels hold that slice."""
@@ -18,7 +18,7 @@ from bundle_runs import REPO, configs, run_bundle
 from dicom_series import RESCALE_INTERCEPT, RESCALE_SLOPE, write_ct_series
 from medsaga_components.data.dicom_series import check_series
 from medsaga_components.engine import prediction_saver
-from medsaga_components.io.dicom_seg import DicomSegError, read_dicom_seg, series_affine, write_dicom_seg
+from medsaga_components.inference.dicom_seg import DicomSegError, read_dicom_seg, series_affine, write_dicom_seg
 
 SHAPE = (48, 40, 12)  # [X, Y, Z] = 48 columns, 40 rows, 12 slices
 CLASS_NAMES = ["background", "bone", "contrast"]

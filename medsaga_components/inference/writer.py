@@ -12,7 +12,7 @@ bundles' configs import ``medsaga_components.engine``, which registers it.
 ``prediction_saver`` is the ``SaveImaged`` of the bundles' ``inference.json`` for their
 ``output_format`` key: ``"nifti"`` (the default, ``<volume>_seg.nii.gz``) or ``"dicom_seg"``
 (``<series folder>_seg.dcm``, a DICOM SEG referencing the input series, one segment per class:
-``io.dicom_seg``), written by ``DicomSegWriter``, a MONAI ``ImageWriter`` that any
+``inference.dicom_seg``), written by ``DicomSegWriter``, a MONAI ``ImageWriter`` that any
 ``SaveImage(d)`` can be given. DICOM SEG needs a DICOM series input; ``SeriesSegLayout`` refuses
 anything else before the writer runs (``SaveImage`` reports a writer's own errors as "cannot
 find a suitable writer", with the real error in the text below).
@@ -32,7 +32,7 @@ from monai.transforms import SaveImaged
 
 from medsaga_components.data.dicom_series import is_dicom_series
 from medsaga_components.io.atomic import atomic_path
-from medsaga_components.io.dicom_seg import foreground_class_names, write_dicom_seg
+from medsaga_components.inference.dicom_seg import foreground_class_names, write_dicom_seg
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def register_atomic_nifti_writer() -> None:
 
 class DicomSegWriter(ImageWriter):
     """A label map [C=1, X, Y, Z] and its metadata (``affine``; ``filename_or_obj``: the source
-    DICOM series folder) written as a DICOM SEG by ``io.dicom_seg.write_dicom_seg``.
+    DICOM series folder) written as a DICOM SEG by ``inference.dicom_seg.write_dicom_seg``.
 
     ``class_names`` (a list with the background at index 0, or ``{name: value}`` as a bundle's
     ``@labels``) and ``model_name`` come through ``SaveImage``'s ``init_kwargs``

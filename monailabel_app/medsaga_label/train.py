@@ -74,7 +74,8 @@ class BundleFewShotTraining(TrainTask):
             "name": f"{self.bundle.name} labels saved in MONAI Label",
             "labels": labels,
             "modality": {"0": self.modality},
-            "training": [{"image": str(Path(d["image"]).resolve()), "label": str(Path(d["label"]).resolve())}
+            "training": [{"image": str(Path(d["image"]).resolve()),
+                          "label": str(nifti_label(Path(d["image"]), Path(d["label"]), folder / "labels"))}
                          for d in labelled],
             "test": [],
         })
@@ -111,6 +112,23 @@ class BundleFewShotTraining(TrainTask):
             raise RuntimeError(f"training {self.bundle.name} failed (exit {done.returncode}); log {log_path}:\n{tail}")
         logger.info("training %s finished in %.0f s", self.bundle.name, summary["seconds"])
         return summary
+
+
+def nifti_label(image: Path, label: Path, folder: Path) -> Path:
+    """``label`` as the bundles read it: NIfTI on its image's grid. A label in another format (a
+    DICOM SEG from a PACS arrives as NRRD, covering the SEG's frames) is resampled onto the
+    image's voxels (nearest neighbour) and written into ``folder``."""
+    if label.name.endswith((".nii", ".nii.gz")):
+        return label.resolve()
+    import SimpleITK
+
+    reference = SimpleITK.ReadImage(str(image))
+    resampled = SimpleITK.Resample(SimpleITK.ReadImage(str(label)), reference, SimpleITK.Transform(),
+                                   SimpleITK.sitkNearestNeighbor, 0, SimpleITK.sitkUInt8)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / (label.name.rsplit(".", 1)[0] + ".nii.gz")
+    SimpleITK.WriteImage(resampled, str(out))
+    return out.resolve()
 
 
 def _cli_value(value: Any) -> str:
