@@ -148,3 +148,33 @@ def test_prompt_sources_are_scored_side_by_side_with_the_oracle_labelled(network
         assert 0 <= r["mean_dice"] <= 1 and len(r["per_class"]) == 2
     table = markdown_table(results)
     assert "| oracle_slice_boxes (oracle) |" in table and "| box_3d |" in table
+
+
+def test_prompt_sources_average_test_patients_per_source():
+    from medsaga_components.evaluation.prompt_sources import average_results
+
+    def run(dice, nsd):
+        return {"box_3d": {"per_class": [{"name": "tumour", "dice": dice, "hd95_mm": 2.0, "nsd": nsd}],
+                           "mean_dice": dice, "mean_hd95_mm": 2.0, "mean_nsd": nsd, "seconds": 10.0,
+                           "encoder_passes": 4, "encoder_seconds": 8.0, "decoder_calls": 4, "oracle": False}}
+
+    averaged = average_results({"pat_1/CT": run(0.8, 0.9), "pat_2/CT": run(0.4, None)})["box_3d"]
+    assert averaged["mean_dice"] == pytest.approx(0.6) and averaged["per_class"][0]["dice"] == pytest.approx(0.6)
+    assert averaged["mean_nsd"] == pytest.approx(0.9), "a patient without an NSD does not count as 0"
+    assert averaged["per_class"][0]["name"] == "tumour" and averaged["oracle"] is False
+
+
+def test_prompt_sources_read_a_datasets_test_patients_from_dicom(tmp_path):
+    """``medsaga prompt-sources --dataset_dir``: the test patient of a cross-patient fold, whole,
+    with no labelled slice of its own."""
+    from medsaga_components.data.demo import write_demo_dataset
+    from medsaga_components.evaluation.prompt_sources import _dataset_test_volumes
+
+    json_path = write_demo_dataset(str(tmp_path / "fold3"), task="lung_tumour_fold3")
+    volumes, labelled, names, note = _dataset_test_volumes(str(tmp_path / "fold3"))
+    assert labelled == [] and names == ["background", "tumour"] and "pat_3/CT" in note
+    (image, label, spacing, test), = volumes.values()
+    assert tuple(image.shape) == (1, 136, 137, 46) and 0 <= float(image.min()) and float(image.max()) <= 1
+    assert test == list(range(46)) and spacing[2] == pytest.approx(3.0)
+    assert int(np.count_nonzero(label.any(axis=(0, 1)))) == 12
+    assert json_path.endswith("dataset.json")
