@@ -53,8 +53,9 @@ def test_boxes_json_switches_prompts_batches_and_test_evaluation(bundle, demo_di
 def trained_with_boxes(tmp_path_factory, demo_dir):
     root = tmp_path_factory.mktemp("medsaga_boxes")
     shutil.copytree(REPO / "bundles" / "medsaga" / "configs", root / "configs")
+    # The starting model is validated too (a candidate for the best model, as on a new patient).
     done = run_bundle("training", configs("medsaga", "train", "boxes"), "--bundle_root", str(root),
-                      "--dataset_dir", str(demo_dir), *TINY_TRAINING)
+                      "--dataset_dir", str(demo_dir), *TINY_TRAINING, "--validate_before_training", "true")
     return root, done.stdout + done.stderr
 
 
@@ -66,6 +67,9 @@ def test_training_with_boxes_saves_a_box_prompted_model_and_its_test_report(trai
     assert "(ground_truth boxes)" in log
     report = json.loads((root / "eval" / "evaluation.json").read_text())
     assert len(report["volumes"]) == 2
+    assert "Epoch[0] Metrics -- val_mean_dice" in log, "validate_before_training validates the starting model"
+    summary = json.loads((root / "eval" / "training_summary.json").read_text())
+    assert summary["best_epoch"] in (0, 1, 2)
 
 
 def test_evaluating_with_boxes_uses_the_boxes(trained_with_boxes, demo_dir):

@@ -211,3 +211,13 @@ def test_keys_monai_labels_bundle_tasks_read(bundle):
         train[key] = value
         assert train[key] == value
     assert "network" in train
+
+
+@pytest.mark.parametrize("bundle", ALL_BUNDLES)
+def test_the_starting_model_is_validated_only_when_asked(bundle):
+    config = json.loads((REPO / "bundles" / bundle / "configs" / "train.json").read_text())
+    assert config["validate_before_training"] is False
+    handlers = config["train"]["handlers"] if "handlers" in config["train"] else config["train"]["trainer"]["train_handlers"]
+    validation = [h for h in handlers if isinstance(h, dict) and h.get("_target_") == "ValidationHandler"]
+    assert [h["exec_at_start"] for h in validation] == ["@validate_before_training"]
+
