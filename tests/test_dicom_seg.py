@@ -185,6 +185,21 @@ def test_the_dicom_seg_saver_writes_series_name_seg_dcm_and_nothing_else(series,
     assert [p.name for p in folder.iterdir() if not p.name.startswith("IM")] == []  # nothing written into the series
 
 
+def test_series_folders_of_one_name_are_named_by_their_path_below_the_dataset(series, tmp_path):
+    """``pat_1/CT`` and ``pat_2/CT`` (how PACS exports lay series out) do not overwrite each other."""
+    folder, volume = series
+    labels = _labels_of(volume)
+    for patient in ("pat_1", "pat_2"):
+        shutil.copytree(folder, tmp_path / "data" / patient / "CT")
+    for output_format, ext in (("nifti", "nii.gz"), ("dicom_seg", "dcm")):
+        saver = prediction_saver(tmp_path / output_format, output_format, {"bone": 1, "contrast": 2}, "medsaga",
+                                 tmp_path / "data")
+        for patient in ("pat_1", "pat_2"):
+            saver({"pred": _prediction(tmp_path / "data" / patient / "CT", labels)})
+        assert sorted(p.name for p in (tmp_path / output_format).iterdir()) == [f"pat_1_CT_seg.{ext}",
+                                                                               f"pat_2_CT_seg.{ext}"]
+
+
 def test_the_dicom_seg_saver_refuses_an_input_that_is_not_a_dicom_series(tmp_path):
     nifti = tmp_path / "case0.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.eye(4)), str(nifti))

@@ -13,7 +13,7 @@ bundles' configs import ``medsaga_components.engine``, which registers it.
 ``output_format`` key: ``"nifti"`` (the default, ``<volume>_seg.nii.gz``) or ``"dicom_seg"``
 (``<series folder>_seg.dcm``, a DICOM SEG referencing the input series, one segment per class:
 ``inference.dicom_seg``), written by ``DicomSegWriter``, a MONAI ``ImageWriter`` that any
-``SaveImage(d)`` can be given. DICOM SEG needs a DICOM series input; ``SeriesSegLayout`` refuses
+``SaveImage(d)`` can be given. DICOM SEG needs a DICOM series input; ``PredictionLayout`` refuses
 anything else before the writer runs (``SaveImage`` reports a writer's own errors as "cannot
 find a suitable writer", with the real error in the text below).
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from monai.data import FolderLayoutBase, ImageWriter, NibabelWriter, register_writer
+from monai.data import FolderLayout, ImageWriter, NibabelWriter, register_writer
 from monai.data.image_writer import SUPPORTED_WRITERS
 from monai.config import PathLike
 from monai.transforms import SaveImaged
@@ -94,31 +94,37 @@ class DicomSegWriter(ImageWriter):
             logger.info("writing: %s", filename)
 
 
-class SeriesSegLayout(FolderLayoutBase):
-    """Names a DICOM SEG ``<output_dir>/<series folder name>_<postfix>.dcm`` (MONAI's own layout
-    would cut a folder name at its last dot, ``1.2.840`` -> ``1.2``), and refuses an input that is
-    not a DICOM series folder with an error naming it."""
+class PredictionLayout(FolderLayout):
+    """MONAI's flat ``FolderLayout`` (``<output_dir>/<input name>_<postfix><ext>``), except that a
+    DICOM series input is named by ``series_output_name``: series folders are often named alike
+    (``pat_1/CT``, ``pat_2/CT``) and MONAI's layout would also cut a folder name at its last dot
+    (``1.2.840`` -> ``1.2``). ``require_series``: refuse any other input, with an error naming it
+    (DICOM SEG needs a source series)."""
 
-    def __init__(self, output_dir: PathLike, postfix: str = OUTPUT_POSTFIX, data_root_dir: PathLike = "") -> None:
-        self.output_dir = Path(output_dir)
-        self.postfix = postfix
-        self.data_root_dir = data_root_dir
+    def __init__(self, output_dir: PathLike, extension: str, postfix: str = OUTPUT_POSTFIX,
+                 data_root_dir: PathLike = "", require_series: bool = False) -> None:
+        super().__init__(output_dir, postfix=postfix, extension=extension)
+        self.series_root = data_root_dir
+        self.require_series = require_series
 
-    def filename(self, subject: PathLike = "", idx=None, **kwargs) -> Path:
+    def filename(self, subject: PathLike = "subject", idx=None, **kwargs) -> PathLike:
         source = Path(str(subject))
-        if not is_dicom_series(source):
+        if is_dicom_series(source):
+            return Path(self.output_dir) / f"{series_output_name(source, self.series_root)}_{self.postfix}{self.ext}"
+        if self.require_series:
             raise ValueError(f"{source}: output_format 'dicom_seg' needs a DICOM series input (a folder of the "
                              "series' .dcm files), and this input is not one; use output_format 'nifti' for it")
-        return self.output_dir / _subfolder(source, self.data_root_dir) / f"{source.name}_{self.postfix}.dcm"
+        return super().filename(subject, idx, **kwargs)
 
 
-def _subfolder(source: Path, data_root_dir: PathLike) -> Path:
-    """``source``'s folder relative to ``data_root_dir`` (as MONAI's ``FolderLayout`` keeps it), so
-    that series folders of one name (``pat_1/CT``, ``pat_2/CT``) do not overwrite each other."""
+def series_output_name(source: Path, data_root_dir: PathLike = "") -> str:
+    """A series folder's name for its prediction: its path below ``data_root_dir`` (the bundle's
+    ``dataset_dir``) joined by ``_`` (``pat_1/CT`` -> ``pat_1_CT``), else the folder's own name."""
     try:
-        return source.resolve().parent.relative_to(Path(data_root_dir).resolve()) if data_root_dir else Path()
+        parts = source.resolve().relative_to(Path(data_root_dir).resolve()).parts if data_root_dir else ()
     except ValueError:
-        return Path()
+        parts = ()
+    return "_".join(parts) or source.name
 
 
 def prediction_saver(output_dir: PathLike, output_format: str = "nifti",
@@ -130,20 +136,22 @@ def prediction_saver(output_dir: PathLike, output_format: str = "nifti",
     (``AtomicNibabelWriter``). ``"dicom_seg"``: ``<series folder>_seg.dcm``, a DICOM SEG of the
     input series with one segment per class of ``class_names`` (a list with the background at
     index 0, or ``{name: value}`` as a bundle's ``@labels``), ``model_name`` recorded as the
-    algorithm's model. Any other format is an error naming the ``output_format`` key. Inputs in
-    subfolders of ``data_root_dir`` (the bundle's ``dataset_dir``) keep those subfolders under
-    ``output_dir``.
+    algorithm's model. Any other format is an error naming the ``output_format`` key. A DICOM
+    series input is named by its path below ``data_root_dir`` (the bundle's ``dataset_dir``):
+    ``pat_1/CT`` -> ``pat_1_CT_seg.nii.gz`` or ``pat_1_CT_seg.dcm``.
     """
     if output_format == "nifti":
         register_atomic_nifti_writer()  # SaveImage picks its writer when it is built
         return SaveImaged(keys="pred", output_dir=output_dir, output_postfix=OUTPUT_POSTFIX, output_dtype=np.uint8,
-                          resample=False, separate_folder=False, print_log=False, data_root_dir=data_root_dir)
+                          resample=False, separate_folder=False, print_log=False,
+                          folder_layout=PredictionLayout(output_dir, ".nii.gz", data_root_dir=data_root_dir))
     if output_format == "dicom_seg":
         if class_names is None:
             raise ValueError("output_format 'dicom_seg' needs the class names, one segment label per class")
         foreground_class_names(class_names)  # a bad list fails here, not after the first volume
         saver = SaveImaged(keys="pred", output_dir=output_dir, output_postfix=OUTPUT_POSTFIX, output_ext=".dcm",
                            output_dtype=np.uint8, resample=False, print_log=False, writer=DicomSegWriter,
-                           folder_layout=SeriesSegLayout(output_dir, data_root_dir=data_root_dir))
+                           folder_layout=PredictionLayout(output_dir, ".dcm", data_root_dir=data_root_dir,
+                                                          require_series=True))
         return saver.set_options(init_kwargs={"class_names": class_names, "model_name": model_name})
     raise ValueError(f"output_format {output_format!r}: expected one of {', '.join(map(repr, OUTPUT_FORMATS))}")
