@@ -252,3 +252,24 @@ def test_absent_classes_are_asked_with_random_boxes_when_training_says_so(tmp_pa
     assert not validation["present"][:, 1].any(), "without a seed (validation, test) nothing absent is asked"
     with pytest.raises(ValueError, match="absent_box_prob must be in"):
         McpPrepareBatch(2, dataset_json, seed=0, absent_box_prob=2.0)
+
+
+@pytest.mark.parametrize("per_structure", [False, True])
+def test_expanded_training_boxes_hold_the_structure_and_grow_only_outward(tmp_path, per_structure):
+    """``expand``: every side moves outward by up to that share of the box's side, so the object
+    is never cut (what propagation asks near a structure's end); validation boxes stay tight."""
+    labels = torch.zeros(64, 1, 40, 50, dtype=torch.long)
+    labels[:, :, 10:20, 12:32] = 1  # a 20 x 10 box: x 12..31, y 10..19
+    batch = {"label": labels, "volume": ["imagesTr/case0.nii.gz"] * 64}
+    dataset_json = tmp_path / "dataset.json"
+    dataset_json.write_text(json.dumps({"modality": {"0": "MRI"}, "training": [{"image": "imagesTr/case0.nii.gz"}]}))
+    grown = McpPrepareBatch(1, dataset_json, seed=0, expand=0.5, per_structure=per_structure).prompts(batch)["boxes"]
+    x0, y0, x1, y1 = grown.reshape(64, 4).unbind(-1)
+    assert (x0 <= 12).all() and (y0 <= 10).all() and (x1 >= 31).all() and (y1 >= 19).all()
+    assert (x0 >= 12 - 10).all() and (x1 <= 31 + 10).all() and (y0 >= 10 - 5).all() and (y1 <= 19 + 5).all()
+    assert (x0 < 11).any() and (x1 > 35).any(), "the growth is drawn, not fixed"
+    assert (x0 >= 0).all() and (y1 <= 39).all()
+    tight = McpPrepareBatch(1, dataset_json, expand=0.5, per_structure=per_structure).prompts(batch)["boxes"]
+    assert torch.equal(tight.reshape(64, 4)[0], torch.tensor([12.0, 10.0, 31.0, 19.0])), "no seed: no growth"
+    with pytest.raises(ValueError, match="expand must be in"):
+        McpPrepareBatch(1, dataset_json, seed=0, expand=-0.1)

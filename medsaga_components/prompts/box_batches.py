@@ -52,11 +52,18 @@ class McpPrepareBatch:
             (training; needs ``seed``). Propagation through a volume stops only where the model
             says a structure has ended; a model that only ever saw boxes around its structure
             keeps answering (docs/prompted_volumes.md). This project's addition.
+        expand: each side of each box moved outward by a uniform random share of up to ``expand``
+            of the box's side, after the jitter (training; needs ``seed``): the object may be
+            smaller than its box, never cut by it. Propagation through a volume asks each slice
+            with the box of its neighbour's prediction, which near a structure's end is larger
+            than the structure; a model trained only on tight boxes fills whatever box it gets,
+            and the prediction then never shrinks (docs/dicom.md's lung tumour runs).
     """
 
     def __init__(self, num_classes: int, dataset_json: str, modalities: Sequence[str] | None = None,
                  boxes: str = "labels", jitter: float = 0.0, whole_image_prob: float = 0.0,
-                 seed: int | None = None, per_structure: bool = False, absent_box_prob: float = 0.0) -> None:
+                 seed: int | None = None, per_structure: bool = False, absent_box_prob: float = 0.0,
+                 expand: float = 0.0) -> None:
         if boxes not in BOX_SOURCES:
             raise ValueError(f"boxes must be one of {BOX_SOURCES}, got {boxes!r}")
         if not 0.0 <= float(whole_image_prob) <= 1.0:
@@ -69,6 +76,9 @@ class McpPrepareBatch:
         if not 0.0 <= float(absent_box_prob) <= 1.0:
             raise ValueError(f"absent_box_prob must be in [0, 1], got {absent_box_prob!r}")
         self.absent_box_prob = float(absent_box_prob) if seed is not None else 0.0
+        if not 0.0 <= float(expand) <= 1.0:
+            raise ValueError(f"expand must be in [0, 1] (a share of the box's side), got {expand!r}")
+        self.expand = float(expand) if seed is not None else 0.0
         self.from_labels = PromptsFromLabels("boxes", self.num_classes, jitter=jitter, seed=seed,
                                              per_structure=per_structure)
         self.generator = None if seed is None else torch.Generator().manual_seed(int(seed) + 1)
@@ -93,6 +103,8 @@ class McpPrepareBatch:
             labels = batchdata["label"]
             drawn = self.from_labels.prompts(labels.cpu())
             boxes, present = drawn["boxes"], drawn["present"]
+            if self.expand > 0:
+                boxes = self._expand(boxes, *labels.shape[-2:])
             if self.whole_image_prob > 0:
                 b, n = boxes.shape[:2]
                 whole = torch.rand(b, n, generator=self.generator) < self.whole_image_prob
@@ -107,6 +119,13 @@ class McpPrepareBatch:
                 boxes, present = self._ask_absent(boxes, present, *labels.shape[-2:])
             prompts.update(boxes=boxes, present=present)
         return prompts
+
+    def _expand(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``boxes`` ``[..., 4]`` grown outward side by side (``expand``), clamped to the image."""
+        side = (boxes[..., 2:] - boxes[..., :2] + 1.0).repeat(*([1] * (boxes.ndim - 1)), 2)  # w, h, w, h
+        grow = torch.rand(boxes.shape, generator=self.generator) * self.expand * side
+        grown = boxes + grow * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+        return torch.minimum(grown.clamp(min=0.0), torch.tensor([width - 1.0, height - 1.0] * 2))
 
     def _ask_absent(self, boxes: torch.Tensor, present: torch.Tensor, height: int,
                     width: int) -> tuple[torch.Tensor, torch.Tensor]:
