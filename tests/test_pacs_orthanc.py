@@ -34,10 +34,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image, ImageDraw
 
 from bundle_runs import REPO, TINY_TRAINING
+from medsaga_components.data.dicom_series import check_series
 from medsaga_components.data.radiomics_phantom import ct_folder, ensure_radiomics_phantom, rtstruct_file
+from medsaga_components.data.volume_io import read_label
 from medsaga_components.inference.dicom_seg import write_dicom_seg
 from orthanc_server import OrthancServer
 
@@ -71,15 +72,12 @@ def _pixel_index(slices: list[pydicom.Dataset], x, y, z):
 
 
 def label_stack(slices: list[pydicom.Dataset], rtstruct: Path) -> np.ndarray:
-    """[slice, row, column] uint8: 1 inside the RTSTRUCT's GTV contours, 2 for HU > -400 elsewhere."""
+    """[slice, row, column] uint8: 1 inside the RTSTRUCT's GTV (medsaga's RTSTRUCT reader), 2 for
+    HU > -400 elsewhere; slices in the order of ``slices`` (along z)."""
+    series = rtstruct.parent / "CT"
+    gtv = read_label(rtstruct, series, {"GTV-1": 1})[0].transpose(2, 1, 0) == 1  # reader's slice order
+    gtv = gtv[np.argsort(check_series(series).positions)]  # -> along z, as ``slices``
     hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices])
-    gtv = np.zeros(hu.shape, bool)
-    for contour in pydicom.dcmread(rtstruct).ROIContourSequence[0].ContourSequence:
-        points = np.asarray(contour.ContourData, float).reshape(-1, 3)
-        k, rows, cols = _pixel_index(slices, *points.T)
-        drawn = Image.new("1", (hu.shape[2], hu.shape[1]))
-        ImageDraw.Draw(drawn).polygon(list(zip(cols.tolist(), rows.tolist())), fill=1, outline=1)
-        gtv[k[0]] ^= np.asarray(drawn)  # even-odd: a contour inside another is a hole
     labels = np.where(hu > -400, 2, 0).astype(np.uint8)
     labels[gtv] = 1
     assert gtv.any() and (labels == 2).any()
