@@ -198,3 +198,12 @@ def test_loadvolumed_still_reads_nifti_with_nibabel(tmp_path):
     nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "case.nii.gz")
     loaded = LoadVolumed(keys="image", image_only=True)({"image": str(tmp_path / "case.nii.gz")})["image"]
     np.testing.assert_array_equal(np.asarray(loaded), volume)
+
+
+def test_test_predictions_of_series_folders_are_named_by_their_path():
+    """The test evaluation writes ``predictions/<name>.nii.gz``: two patients' ``CT`` folders must not
+    share a name."""
+    from medsaga_components.evaluation.pipeline import _volume_file_stem
+
+    assert [_volume_file_stem(v) for v in ("pat_1/CT", "pat_2/CT", "imagesTs/case0.nii.gz")] == [
+        "pat_1_CT", "pat_2_CT", "case0"]

@@ -25,11 +25,14 @@ from medsaga_components.evaluation.restack import save_nifti
 
 
 def _volume_file_stem(volume: str) -> str:
+    """A file's name without its suffix; a DICOM series folder (as dataset.json writes it) by its
+    relative path, since series folders are often named alike (``pat_1/CT`` -> ``pat_1_CT``)."""
     name = Path(volume).name
     for suffix in (".nii.gz", ".nii", ".png"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
-    return name
+    path = Path(volume)
+    return name if path.is_absolute() else "_".join(p for p in path.parts if p not in (".", "..")) or name
 
 
 @torch.no_grad()
