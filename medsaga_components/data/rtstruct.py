@@ -79,12 +79,6 @@ def referenced_series_uids(ds) -> set[str]:
     return uids
 
 
-def roi_names(path: str | Path) -> dict[int, str]:
-    """``{ROINumber: ROIName}`` of an RTSTRUCT file."""
-    ds = _read(Path(path))
-    return {int(roi.ROINumber): str(roi.ROIName) for roi in getattr(ds, "StructureSetROISequence", [])}
-
-
 def _match_rois(path: Path, names: dict[int, str], roi_labels: Mapping[str, int | None]) -> dict[int, int]:
     """``{ROINumber: label value}``; ROIs mapped to None are left out, unmatched ones refused."""
     lookup = {roi_key(k): v for k, v in roi_labels.items()}
