@@ -33,6 +33,7 @@ from medsaga_components.data.errors import VolumeReadError
 SPACING_TOLERANCE_FRACTION = 0.01
 SPACING_TOLERANCE_MM = 0.05
 ORIENTATION_TOLERANCE = 1e-4
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # DICOM patient coordinates -> NIfTI/MONAI world
 
 
 def is_dicom_series(path: str | Path) -> bool:
@@ -51,6 +52,8 @@ class SeriesInfo:
     files: tuple[Path, ...]
     sop_instance_uids: tuple[str, ...]
     positions: tuple[float, ...]  # ImagePositionPatient projected on the slice normal, mm
+    shape: tuple[int, int, int]  # [X, Y, Z] = (columns, rows, slices), as PydicomReader reads it
+    affine: np.ndarray  # RAS [4, 4] of that array, as PydicomReader builds it (header_affine)
 
     @property
     def num_slices(self) -> int:
@@ -120,7 +123,7 @@ def check_series(folder: str | Path) -> SeriesInfo:
             raise VolumeReadError(f"{path}: pixel spacing {list(ds.PixelSpacing)} differs from {first_path.name}'s "
                                   f"{spacing.tolist()}; expected one pixel spacing per series in {folder}")
         position = float(np.dot(np.asarray(_require(ds, "ImagePositionPatient", path), dtype=float), normal))
-        rows.append((int(getattr(ds, "InstanceNumber", 0) or 0), position, path, str(ds.SOPInstanceUID)))
+        rows.append((int(getattr(ds, "InstanceNumber", 0) or 0), position, path, str(ds.SOPInstanceUID), ds))
     rows.sort(key=lambda r: r[0])  # MONAI's PydicomReader stacks slices by InstanceNumber
     numbers = [r[0] for r in rows]
     if len(set(numbers)) != len(numbers):
@@ -133,7 +136,28 @@ def check_series(folder: str | Path) -> SeriesInfo:
     return SeriesInfo(folder=folder, series_uid=series_uid,
                       frame_of_reference_uid=getattr(first, "FrameOfReferenceUID", None),
                       modality=str(getattr(first, "Modality", "")), files=tuple(r[2] for r in rows),
-                      sop_instance_uids=tuple(r[3] for r in rows), positions=tuple(positions.tolist()))
+                      sop_instance_uids=tuple(r[3] for r in rows), positions=tuple(positions.tolist()),
+                      shape=(size[1], size[0], len(rows)), affine=header_affine(rows[0][4], rows[-1][4], len(rows)))
+
+
+def header_affine(first, last, num_slices: int) -> np.ndarray:
+    """RAS affine [4, 4] of the series' ``[X, Y, Z]`` array as ``PydicomReader`` builds it, from the
+    headers of its first and last instance (by InstanceNumber): origin at the first, x along its
+    rows (column spacing), y along its columns (row spacing), z from the first to the last
+    instance (a single slice: the unit z axis, as the reader gives it)."""
+    orientation = np.asarray(first.ImageOrientationPatient, dtype=float)
+    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+    affine = np.eye(4)
+    affine[:3, 0] = orientation[:3] * column_spacing
+    affine[:3, 1] = orientation[3:] * row_spacing
+    origin = np.asarray(first.ImagePositionPatient, dtype=float)
+    if num_slices > 1:
+        affine[:3, 2] = (np.asarray(last.ImagePositionPatient, dtype=float) - origin) / (num_slices - 1)
+    affine[:3, 3] = origin
+    affine[:3] = LPS_TO_RAS @ affine[:3]
+    if num_slices == 1:
+        affine[:3, 2] = (0.0, 0.0, 1.0)
+    return affine
 
 
 def _check_positions(folder: Path, positions: np.ndarray, files: list[Path]) -> None:
@@ -164,6 +188,12 @@ def _check_positions(folder: Path, positions: np.ndarray, files: list[Path]) -> 
                                   f"{gaps[i]:.2f} mm, the series' spacing {step:.2f} mm; expected a complete series")
         raise VolumeReadError(f"{folder}: uneven slice spacing: {gaps[i]:.2f} mm {where}, {step:.2f} mm elsewhere; "
                               "expected evenly spaced slices (resample the series first)")
+
+
+def series_file_stem(relative: str | Path) -> str:
+    """A series folder's name for the files made from it: its path relative to the dataset, joined
+    by ``_`` (``pat_1/CT`` -> ``pat_1_CT``), since series folders are often named alike."""
+    return "_".join(p for p in Path(relative).parts if p not in (".", "..", Path(relative).anchor))
 
 
 def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:

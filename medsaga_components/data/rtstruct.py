@@ -105,11 +105,11 @@ def _fill(polygon_xy: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
     return np.asarray(canvas, dtype=bool).T
 
 
-def read_rtstruct(path: str | Path, series_folder: str | Path, roi_labels: Mapping[str, int | None],
-                  shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
-    """RTSTRUCT ``path`` -> int64 label map [X, Y, Z] on the grid of ``series_folder``'s image.
+def read_rtstruct(path: str | Path, series_folder: str | Path,
+                  roi_labels: Mapping[str, int | None]) -> tuple[np.ndarray, np.ndarray]:
+    """RTSTRUCT ``path`` -> (int64 label map [X, Y, Z], affine [4, 4]) on the grid of
+    ``series_folder``'s image (``dicom_series.read_dicom_series``'s grid, from the headers).
 
-    ``shape`` and ``affine`` are the image's as ``dicom_series.read_dicom_series`` returns them;
     ``roi_labels`` maps ROI names to label values (None: left out). Raises ``VolumeReadError``
     naming the file for a structure set drawn on another series, a contour off its slice or
     outside the image, and ROI names that match no label.
@@ -128,6 +128,7 @@ def read_rtstruct(path: str | Path, series_folder: str | Path, roi_labels: Mappi
                               f"{series.frame_of_reference_uid}; expected the RTSTRUCT of that series")
     names = {int(roi.ROINumber): str(roi.ROIName) for roi in getattr(ds, "StructureSetROISequence", [])}
     values = _match_rois(path, names, roi_labels)
+    shape, affine = series.shape, series.affine
     world_to_voxel = np.linalg.inv(np.asarray(affine, dtype=np.float64))
     labels = np.zeros(shape, dtype=np.int64)
     contours_by_roi = {int(c.ReferencedROINumber): c for c in getattr(ds, "ROIContourSequence", [])}
@@ -155,4 +156,4 @@ def read_rtstruct(path: str | Path, series_folder: str | Path, roi_labels: Mappi
                     "expected contours inside the image they were drawn on")
             mask[:, :, int(round(k))] ^= _fill(voxels[:, :2], shape[:2])
         labels[mask] = value
-    return labels
+    return labels, affine

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from medsaga_components.data.dicom_series import is_dicom_series, read_dicom_series
+from medsaga_components.data.dicom_series import check_series, is_dicom_series, read_dicom_series
 from medsaga_components.data.errors import NonFiniteVoxelsError, VolumeReadError
 from medsaga_components.data.rtstruct import is_rtstruct, read_rtstruct
 
@@ -137,8 +137,8 @@ def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape (3-D) and affine [4, 4] of a file, from its header only where possible."""
     path = Path(path)
     if is_dicom_series(path):
-        image, affine = read_dicom_series(path)
-        return image.shape, affine
+        info = check_series(path)  # headers only
+        return info.shape, info.affine
     _check_format(path)
     if is_png(path):
         try:
@@ -190,8 +190,7 @@ def read_label(path: str | Path, image: str | Path | None = None,
         if image is None or roi_labels is None or not is_dicom_series(image):
             raise VolumeReadError(f"{path}: an RTSTRUCT label needs its image, a DICOM series folder, and the "
                                   f"dataset's label names to be read (got image {image})")
-        shape, affine = read_geometry(image)
-        return read_rtstruct(path, image, roi_labels, shape, affine), affine
+        return read_rtstruct(path, image, roi_labels)
     img = _open_volume(path)
     if img is None:
         return _png_array(path, for_label=True).astype(np.int64)[:, :, None], np.eye(4)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from medsaga_components.data.dataset import SliceDataset
 from medsaga_components.data.slicing import crop_slab
+from medsaga_components.data.dicom_series import series_file_stem
 from medsaga_components.data.volume_io import read_geometry
 from medsaga_components.evaluation.assemble import VolumeAssembler
 from medsaga_components.evaluation.metrics import evaluate_volume, summarize
@@ -31,8 +32,7 @@ def _volume_file_stem(volume: str) -> str:
     for suffix in (".nii.gz", ".nii", ".png"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
-    path = Path(volume)
-    return name if path.is_absolute() else "_".join(p for p in path.parts if p not in (".", "..")) or name
+    return name if Path(volume).is_absolute() else series_file_stem(volume) or name
 
 
 @torch.no_grad()

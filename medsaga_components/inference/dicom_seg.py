@@ -34,12 +34,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from medsaga_components.data.dicom_series import SeriesInfo, check_series
+from medsaga_components.data.dicom_series import LPS_TO_RAS, SeriesInfo, check_series
 from medsaga_components.io.atomic import atomic_path
 
 ON_SLICE_TOLERANCE = 0.25  # of the slice spacing: how far an instance may sit from its z index
 AXIS_TOLERANCE = 1e-3  # cosine: the volume's x/y axes along the series' rows/columns
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 # SNOMED CT "Anatomical structure" for both the category and the type of a segment: the class
 # names are the user's and carry no code; the segment label says what the segment is.
 ANATOMICAL_STRUCTURE = ("91723000", "SCT", "Anatomical Structure")
@@ -74,23 +73,6 @@ def foreground_class_names(class_names: Sequence[str] | Mapping) -> list[str]:
     if not names:
         raise DicomSegError(f"class names {class_names!r}: no foreground class to write a segment for")
     return names
-
-
-def series_affine(info: SeriesInfo, first, last) -> np.ndarray:
-    """RAS affine [4, 4] of the series' ``[X, Y, Z]`` volume as ``PydicomReader`` builds it from
-    the headers: origin at the first instance (by InstanceNumber), x along its rows (column
-    spacing), y along its columns (row spacing), z from the first to the last instance."""
-    orientation = np.asarray(first.ImageOrientationPatient, dtype=float)
-    row_spacing, column_spacing = (float(s) for s in first.PixelSpacing)
-    affine = np.eye(4)
-    affine[:3, 0] = orientation[:3] * column_spacing
-    affine[:3, 1] = orientation[3:] * row_spacing
-    origin = np.asarray(first.ImagePositionPatient, dtype=float)
-    if info.num_slices > 1:
-        affine[:3, 2] = (np.asarray(last.ImagePositionPatient, dtype=float) - origin) / (info.num_slices - 1)
-    affine[:3, 3] = origin
-    affine[:3] = LPS_TO_RAS @ affine[:3]
-    return affine
 
 
 def _highdicom():
@@ -180,7 +162,7 @@ def write_dicom_seg(label_map: np.ndarray, source_series: str | Path, class_name
     ``class_names``: see ``foreground_class_names`` (a list with the background at index 0, or
     ``{name: value}``); one segment per foreground class, segment number = class index.
     ``affine``: the label map's RAS affine [4, 4] (a prediction's ``meta["affine"]``); by default
-    the one ``PydicomReader`` gives the series. The z indices are matched to the source
+    the one ``PydicomReader`` gives the series (``SeriesInfo.affine``). The z indices are matched to the source
     instances through it (module docstring). ``model_name`` (a bundle's name) is recorded in the
     algorithm identification. The folder must hold the one series only
     (``data.dicom_series.check_series``), so write the SEG elsewhere. Returns ``out_path``.
@@ -200,7 +182,7 @@ def write_dicom_seg(label_map: np.ndarray, source_series: str | Path, class_name
         raise DicomSegError(f"{out_path}: label map holds class indices {extra}, but only {len(names)} foreground "
                             f"classes are named ({names})")
     if affine is None:
-        affine = series_affine(info, headers[0], headers[-1])
+        affine = info.affine
     order = instance_per_slice(info, headers, affine)
     algorithm = _algorithm(model_name)
     structure = Code(*ANATOMICAL_STRUCTURE)
@@ -245,7 +227,7 @@ def read_dicom_seg(seg_path: str | Path, source_series: str | Path) -> np.ndarra
     if info.series_uid not in referenced:
         raise DicomSegError(f"{seg_path}: references series {sorted(referenced)}, not {info.series_uid} of "
                             f"{info.folder}")
-    order = instance_per_slice(info, headers, series_affine(info, headers[0], headers[-1]))
+    order = instance_per_slice(info, headers, info.affine)
     uids = [info.sop_instance_uids[instance] for instance in order]
     frames = seg.get_pixels_by_source_instance(uids, combine_segments=True, assert_missing_frames_are_empty=True)
     return np.ascontiguousarray(np.asarray(frames).transpose(2, 1, 0))  # [Z, rows, columns] -> [X, Y, Z]

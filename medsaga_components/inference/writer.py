@@ -30,7 +30,7 @@ from monai.data.image_writer import SUPPORTED_WRITERS
 from monai.config import PathLike
 from monai.transforms import SaveImaged
 
-from medsaga_components.data.dicom_series import is_dicom_series
+from medsaga_components.data.dicom_series import is_dicom_series, series_file_stem
 from medsaga_components.io.atomic import atomic_path
 from medsaga_components.inference.dicom_seg import foreground_class_names, write_dicom_seg
 
@@ -119,12 +119,12 @@ class PredictionLayout(FolderLayout):
 
 def series_output_name(source: Path, data_root_dir: PathLike = "") -> str:
     """A series folder's name for its prediction: its path below ``data_root_dir`` (the bundle's
-    ``dataset_dir``) joined by ``_`` (``pat_1/CT`` -> ``pat_1_CT``), else the folder's own name."""
+    ``dataset_dir``) as ``dicom_series.series_file_stem`` joins it, else the folder's own name."""
     try:
-        parts = source.resolve().relative_to(Path(data_root_dir).resolve()).parts if data_root_dir else ()
+        relative = source.resolve().relative_to(Path(data_root_dir).resolve()) if data_root_dir else Path()
     except ValueError:
-        parts = ()
-    return "_".join(parts) or source.name
+        relative = Path()
+    return series_file_stem(relative) or source.name
 
 
 def prediction_saver(output_dir: PathLike, output_format: str = "nifti",
