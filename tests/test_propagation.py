@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from medsaga_components.inference.propagation import (StopRule, box_of, match_structures, propagate_from_box,
-                                                       propagate_labelled, propagate_structure, union_box)
+                                                       propagate_labelled, propagate_structure, resegment_structure,
+                                                       union_box)
 
 D, H, W = 32, 40, 40
 SHAPE = (H, W)
@@ -317,3 +318,39 @@ def test_a_loose_boxs_seed_is_tightened_around_what_it_holds():
     propagate_from_box(predict, D, SHAPE, loose, 6, 26, margin=0.0, refine_seed=1)
     middle_asks = [box for k, box in predict.calls if k == 16]
     assert middle_asks[0] == loose and middle_asks[1] == box_of(SPHERE[16])
+
+
+def test_a_guide_ends_the_structure_where_a_box_filling_model_would_not():
+    # A model that fills whatever box it gets never sees the sphere end: alone it fills the 3-D box
+    # from end to end. Guided (the oracle propagates), it is asked once per slice the guide reached,
+    # with the box of the guide's mask there, so nothing it fills carries to the next slice.
+    box, k0, k1 = (10.6, 11.2, 29.4, 28.7), 5, 27
+    alone = propagate_from_box(leaky(), D, SHAPE, box, k0, k1)
+    assert alone[k0].any() and alone[k1].any()
+    filler = leaky()
+    guided = propagate_from_box(oracle(), D, SHAPE, box, k0, k1, resegment=filler)
+    assert not guided[:8].any() and not guided[25:].any()
+    assert sorted(filler.slices) == list(range(8, 25))
+    for k in range(8, 25):
+        assert filler.box_on(k) == box_of(SPHERE[k], MARGIN, box)
+        assert np.array_equal(guided[k], filled(box_of(SPHERE[k], MARGIN, box)))
+    assert dice(guided, SPHERE) > 0.7 and dice(alone, SPHERE) < 0.5
+
+
+def test_a_resegmenting_model_never_touches_the_users_slices():
+    labelled = {12: SPHERE[12], 20: SPHERE[20]}
+    filler = leaky()
+    result = propagate_labelled(oracle(), D, SHAPE, labelled, resegment=filler)
+    assert np.array_equal(result[12], SPHERE[12]) and np.array_equal(result[20], SPHERE[20])
+    assert sorted(filler.slices) == [k for k in range(8, 25) if k not in labelled]
+
+
+def test_resegment_structure_checks_its_guide_and_limits():
+    with pytest.raises(ValueError, match=r"bool \[D, H, W\] guide"):
+        resegment_structure(leaky(), SPHERE[16])
+    with pytest.raises(ValueError, match="limits box"):
+        resegment_structure(leaky(), SPHERE, limits=(30.0, 0.0, 10.0, 5.0))
+    # A slice whose guide mask lies wholly outside the limits is left empty, not asked.
+    filler = leaky()
+    result = resegment_structure(filler, SPHERE, limits=(0.0, 0.0, 39.0, 13.0))  # rows 0..13 only
+    assert filler.slices and not result[8].any() and 8 not in filler.slices  # slice 8: one pixel at row 20

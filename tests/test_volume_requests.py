@@ -21,7 +21,7 @@ from medsaga_components import SamSegmenter
 from medsaga_components.adapters.export import save_plain_model
 from medsaga_components.inference.model import served_labels, write_model_info
 from medsaga_components.inference.two_pass import TwoPassBoxSegmenter
-from medsaga_components.inference.volume import parse_request
+from medsaga_components.inference.volume import guide_network, parse_request, segment_volume_from_boxes
 
 sys.path.insert(0, str(REPO / "monailabel_app"))
 from medsaga_label.bundles import discover_bundles  # noqa: E402
@@ -56,15 +56,15 @@ def bundle(tmp_path_factory):
     return root, data
 
 
-def run_inference(root, data, prompts, tmp_path):
+def run_inference(root, data, prompts, tmp_path, out="out", **overrides):
     folder = root / "configs"
     workflow = ConfigWorkflow(config_file=[str(folder / "inference.json"), str(folder / "inference_boxes.json")],
                               workflow_type="infer", meta_file=str(folder / "metadata.json"), logging_file=False,
                               bundle_root=str(root), dataset_dir=str(data), prompts=str(prompts),
-                              output_dir=str(tmp_path / "out"), **OVERRIDES)
+                              output_dir=str(tmp_path / out), **OVERRIDES, **overrides)
     workflow.initialize()
     workflow.run()
-    return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted((tmp_path / "out").glob("*_seg.nii.gz"))}
+    return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted((tmp_path / out).glob("*_seg.nii.gz"))}
 
 
 def test_run_inference_and_monai_label_give_the_same_label_map_never_outside_the_box(bundle, tmp_path):
@@ -88,6 +88,43 @@ def test_run_inference_and_monai_label_give_the_same_label_map_never_outside_the
     with torch.no_grad():
         scores = served.inferer()(item["image"][None], network.eval(), prompts=request)
     np.testing.assert_array_equal(scores.argmax(1)[0].numpy(), labels)
+
+
+def test_a_pretrained_guide_decides_where_the_structure_is(bundle, tmp_path):
+    # The tiny model answers "inside" wherever it is asked: propagating itself it fills the user's
+    # box on every slice. With propagation_guide "pretrained", real LiteMedSAM propagates and the
+    # tiny model is asked only on the slices LiteMedSAM found the structure on.
+    root, data = bundle
+    box = [11, 4, 8, 27, 20, 21]  # around the largest blob of case0, loosely
+    request = {"boxes": {"ring": [box]}}
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"case0.nii.gz": request}))
+    guided = run_inference(root, data, prompts, tmp_path, propagation_guide="pretrained")["case0_seg.nii.gz"] == 1
+
+    served = discover_bundles(root.parent, {**OVERRIDES, "propagation_guide": "pretrained"})["medsaga"]
+    item = {"image": str(data / "imagesTs" / "case0.nii.gz")}
+    for transform in served.preprocessing():
+        item = transform(item)
+    network = served.build_network()
+    network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        scores = served.inferer()(item["image"][None], network.eval(), prompts=request)
+    np.testing.assert_array_equal(scores.argmax(1)[0].numpy() == 1, guided)  # MONAI Label: the same label map
+
+    # What LiteMedSAM alone finds from the box decides which slices hold the structure (where on
+    # each slice is checked with recording predictors in test_propagation.py: this tiny model
+    # answers "inside" wherever it is asked, so only the user's box clips it).
+    found = segment_volume_from_boxes(guide_network("pretrained", network), item["image"].as_tensor(), 2,
+                                      {1: [box]}) == 1
+    assert found.any()
+    np.testing.assert_array_equal(guided.any(axis=(0, 1)), found.any(axis=(0, 1)))
+    inside = np.zeros(guided.shape, bool)
+    inside[11:28, 4:21, 8:22] = True
+    assert not (guided & ~inside).any()
+
+    with pytest.raises(Exception) as error:
+        run_inference(root, data, prompts, tmp_path, out="bad", propagation_guide="teacher")
+    assert "propagation_guide is 'teacher'; expected one of ('self', 'pretrained')" in messages(error.value)
 
 
 def messages(error: BaseException) -> str:

@@ -37,6 +37,7 @@ from medsaga_components.inference.volume import (
     ClassPredictor,
     SliceEmbeddings,
     box_around_structure,
+    guide_network,
     label_map,
     segment_volume_from_boxes,
     segment_volume_from_clicks,
@@ -138,7 +139,7 @@ def evaluate_prompt_sources(network: nn.Module, image: torch.Tensor, label: np.n
                             labelled: Sequence[int], test: Sequence[int], class_names: Sequence[str],
                             sources: Sequence[str] = PROMPT_SOURCES + BASELINES, spacing: Sequence[float] = (1, 1, 1),
                             jitter: float = 0.05, seed: int = 0, nsd_tolerance_mm: float = 2.0,
-                            log=print) -> dict:
+                            log=print, guide: nn.Module | None = None) -> dict:
     """Score each prompt source on the test slices of one volume.
 
     Args:
@@ -147,6 +148,8 @@ def evaluate_prompt_sources(network: nn.Module, image: torch.Tensor, label: np.n
             from which the user's prompts are made, and the reference).
         labelled: the user's labelled slices along ``axis``; test: the slices scored.
         class_names: the N + 1 names, background first.
+        guide: the network that propagates the box, labelled-slice and click sources
+            (``inference.volume.guide_network``; None: ``network`` itself).
     Returns:
         ``{source: {"per_class": [{"name", "dice", "hd95_mm", "nsd"}], "mean_dice", "mean_nsd", "mean_hd95_mm",
         "seconds", "encoder_passes", "oracle"}}``.
@@ -160,10 +163,11 @@ def evaluate_prompt_sources(network: nn.Module, image: torch.Tensor, label: np.n
     partial = np.zeros_like(label)
     np.moveaxis(partial, axis, 0)[list(labelled)] = np.moveaxis(label, axis, 0)[list(labelled)]
     runs = {
-        "box_3d": lambda s: segment_volume_from_boxes(network, image, axis, boxes, slices=s),
+        "box_3d": lambda s: segment_volume_from_boxes(network, image, axis, boxes, slices=s, guide=guide),
         "labelled_slices": lambda s: segment_volume_from_labelled_slices(network, image, axis, partial, labelled,
-                                                                         num_classes=n, slices=s),
-        "click": lambda s: segment_volume_from_clicks(network, image, axis, user_clicks(label, n, axis), slices=s),
+                                                                         num_classes=n, slices=s, guide=guide),
+        "click": lambda s: segment_volume_from_clicks(network, image, axis, user_clicks(label, n, axis), slices=s,
+                                                      guide=guide),
         ORACLE: lambda s: _oracle_slice_boxes(s, label, axis, test),
         "none": lambda s: _box_free(network, image, axis, test),
         "copy_nearest": lambda s: copy_nearest_labelled(label, axis, labelled, test),
@@ -230,18 +234,21 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
                            jitter: float = 0.05,
                            seed: int = 0, backbone: str = "lite_medsam", image_size: int = 256,
                            per_structure: bool = True, threads: int | None = None, bf16: str | bool = False,
-                           dataset_dir: str | None = None) -> dict:
+                           dataset_dir: str | None = None, split: str = "test", guide: str = "self") -> dict:
     """``medsaga prompt-sources``: every prompt source side by side on a demo task's test slab.
 
     ``model``: ``zero_shot`` (pretrained LiteMedSAM asked with boxes) or the ``models/model.pt`` of a
     bundle trained in box mode (``configs/boxes.json``; ``per_structure``: its box-free first pass boxes
     each structure, as a model trained with ``--box_per_structure true``). ``bf16``: as the bundles'
-    key (``precision.py``). Writes ``out/prompt_sources.json`` and ``.md``.
+    key (``precision.py``). ``guide``: what propagates the prompts, ``self`` or ``pretrained``
+    (``inference.volume.guide_network``; the bundles' ``propagation_guide``). Writes
+    ``out/prompt_sources.json`` and ``.md``.
 
     ``dataset_dir``: score the labelled ``test`` volumes of that dataset.json instead, every slice
     of each (a cross-patient task such as ``lung_tumour_fold1``: the test patient has no labelled
     slice, so the sources are the user's 3-D boxes, clicks, no prompt and the oracle); the scores
-    of several test volumes are averaged per source.
+    of several test volumes are averaged per source. ``split="validation"`` scores the validation
+    volumes instead: where to choose ``guide`` and the margin for a dataset before looking at its test.
     """
     from pathlib import Path
 
@@ -251,7 +258,7 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
 
     if threads:
         torch.set_num_threads(int(threads))
-    volumes, labelled, names, note = (_dataset_test_volumes(dataset_dir) if dataset_dir is not None
+    volumes, labelled, names, note = (_dataset_volumes(dataset_dir, split) if dataset_dir is not None
                                       else _demo_test_volume(task, shots))
     network = SamSegmenter(backbone, len(names) - 1, checkpoint="pretrained" if model == "zero_shot" else None,
                            image_size=image_size, prompt="boxes" if model == "zero_shot" else "mcp")
@@ -262,6 +269,7 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
                                                        modality_prompt=False, content_prompt=False,
                                                        per_structure=per_structure), model)
     network = use_bf16(network.eval(), bf16)
+    guide_net = guide_network(guide, network)
     if sources is None:
         sources = PROMPT_SOURCES + BASELINES if labelled else ("box_3d", "click", ORACLE, "none")
     # fire hands "a,b" over as a tuple; a string may come from Python
@@ -274,13 +282,14 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
     per_volume = {}
     for name, (volume, label, spacing, test) in volumes.items():
         per_volume[name] = evaluate_prompt_sources(network, volume, label, 2, labelled, test, names, wanted,
-                                                   spacing, jitter, seed)
+                                                   spacing, jitter, seed, guide=guide_net)
     results = per_volume[next(iter(per_volume))] if len(per_volume) == 1 else average_results(per_volume)
     precision = "bf16" if uses_bf16(network) else "float32"
-    note = (f"{note}, model {model} (image encoder in {precision}); 3-D boxes jittered by up to {jitter:.0%} of each "
+    guided = "" if guide_net is None else ", propagated by pretrained LiteMedSAM (each slice encoded by both models)"
+    note = (f"{note}, model {model} (image encoder in {precision}){guided}; 3-D boxes jittered by up to {jitter:.0%} of each "
             f"side's extent (seed {seed}).")
     out_dir = Path(out)
-    write_json_atomic(out_dir / "prompt_sources.json", {"task": dataset_dir or task, "model": model,
+    write_json_atomic(out_dir / "prompt_sources.json", {"task": dataset_dir or task, "model": model, "guide": guide,
                                                         "labelled": labelled, "results": results,
                                                         "per_volume": per_volume})
     write_text_atomic(out_dir / "prompt_sources.md", markdown_table(results, note))
@@ -303,8 +312,8 @@ def _demo_test_volume(task: str, shots: int):
     return {task: (volume, label.astype(np.int64), voxel_spacing(affine), test)}, labelled, names, note
 
 
-def _dataset_test_volumes(dataset_dir: str):
-    """Every labelled test volume of a dataset.json, whole (all its slices along axis 2)."""
+def _dataset_volumes(dataset_dir: str, split: str = "test"):
+    """Every labelled volume of a dataset.json's ``split``, whole (all its slices along axis 2)."""
     from medsaga_components.data.decathlon import load_decathlon
     from medsaga_components.data.intensity import scale_intensity
     from medsaga_components.data.volume_io import read_image
@@ -312,7 +321,7 @@ def _dataset_test_volumes(dataset_dir: str):
 
     dataset = load_decathlon(dataset_dir)
     volumes = {}
-    for entry in dataset.entries("test"):
+    for entry in dataset.entries(split):
         if entry.label_path is None:
             continue
         image, affine = read_image(entry.image_path, dataset.nonfinite_fill)
@@ -320,8 +329,8 @@ def _dataset_test_volumes(dataset_dir: str):
         volume = torch.from_numpy(scale_intensity(image, dataset.modality))[None]
         volumes[entry.image] = (volume, label, voxel_spacing(affine), list(range(image.shape[2])))
     if not volumes:
-        raise ValueError(f"{dataset.path}: no labelled test volume to score")
-    return volumes, [], list(dataset.class_names), f"{dataset.name}, test volumes {list(volumes)} (every slice)"
+        raise ValueError(f"{dataset.path}: no labelled {split} volume to score")
+    return volumes, [], list(dataset.class_names), f"{dataset.name}, {split} volumes {list(volumes)} (every slice)"
 
 
 def average_results(per_volume: dict[str, dict]) -> dict:

@@ -119,12 +119,14 @@ def union_box(a: Box, b: Box) -> Box:
 
 
 BETWEEN_SEEDS = ("fronts", "interpolate")
+# What propagates a request: the model itself, or pretrained LiteMedSAM guiding it (``inference.volume``).
+PROPAGATION_GUIDES = ("self", "pretrained")
 
 
 def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], seeds: Mapping[int, np.ndarray], *,
                         k_range: tuple[int, int] | None = None, limits: Box | None = None, margin: float = 0.1,
                         stop: StopRule = StopRule(), empty_slices: Collection[int] = (),
-                        between: str = "fronts") -> np.ndarray:
+                        between: str = "fronts", resegment: Predict | None = None) -> np.ndarray:
     """Bool ``[D, H, W]`` mask of ONE structure, propagated from its seed slices.
 
     - ``seeds``: ``{slice index: bool [H, W] mask}``, each non-empty: those slices are copied into
@@ -145,6 +147,8 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
       holds one is filled like two outward propagations (with ``stop``) up to it.
     - ``limits`` (the in-plane part of a 3-D box): every prompt box is clamped to it and every
       prediction is zeroed outside it. ``k_range``: no slice outside it is ever predicted.
+    - ``resegment``: ``predict`` only guides; every slice it reached but the seeds is then asked
+      again of ``resegment`` (:func:`resegment_structure`).
 
     Raises ValueError naming the slice and what was expected for: no seeds, a seed index outside
     ``0..D-1`` or ``k_range``, a seed of the wrong shape, an empty seed, a seed wholly outside
@@ -179,12 +183,14 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
         else:
             _fill_gap(segment, volume, a, b, margin, limits)
     _propagate_outward(segment, volume, order[-1], min(above, high), margin, limits, stop)
+    if resegment is not None:
+        return resegment_structure(resegment, volume, margin=margin, limits=limits, keep=seeds.keys())
     return volume
 
 
 def propagate_from_box(predict: Predict, depth: int, shape: tuple[int, int], box: Box, k0: int, k1: int, *,
                        margin: float = 0.1, stop: StopRule = StopRule(), seed_slice: int | None = None,
-                       refine_seed: int = 0) -> np.ndarray:
+                       refine_seed: int = 0, resegment: Predict | None = None) -> np.ndarray:
     """Bool ``[D, H, W]`` mask of the ONE structure inside a user's 3-D box (``box`` on slices ``k0..k1``).
 
     The seed is ``predict(seed_slice, box)`` on the middle slice (``(k0 + k1) // 2`` unless given),
@@ -194,6 +200,8 @@ def propagate_from_box(predict: Predict, depth: int, shape: tuple[int, int], box
     distance), and the first non-empty prediction seeds; all empty gives an all-False volume.
     ``refine_seed``: the seed slice is asked again that many times, each time with the box of its
     last prediction (grown by ``margin``), as a user's loose box is tightened around what it holds.
+    ``resegment``: ``predict`` only guides, and every slice it reached, the seed too, is asked
+    again of ``resegment`` (:func:`resegment_structure`).
 
     Raises ValueError naming the box and the volume size for a box reversed (``x0 > x1``,
     ``y0 > y1`` or ``k0 > k1``) or not inside the volume, or a ``seed_slice`` outside ``k0..k1``.
@@ -217,9 +225,41 @@ def propagate_from_box(predict: Predict, depth: int, shape: tuple[int, int], box
             refined = segment(k, tighter) if tighter is not None else seed
             seed = refined if refined.any() else seed
         if seed.any():
-            return propagate_structure(predict, depth, shape, {k: seed}, k_range=(k0, k1), limits=box,
-                                       margin=margin, stop=stop)
+            volume = propagate_structure(predict, depth, shape, {k: seed}, k_range=(k0, k1), limits=box,
+                                         margin=margin, stop=stop)
+            if resegment is not None:
+                return resegment_structure(resegment, volume, margin=margin, limits=box)
+            return volume
     return np.zeros((depth, *shape), dtype=bool)
+
+
+def resegment_structure(predict: Predict, guide: np.ndarray, *, margin: float = 0.1, limits: Box | None = None,
+                        keep: Collection[int] = ()) -> np.ndarray:
+    """Bool ``[D, H, W]``: ONE structure's slices, each asked again from the box of ``guide``'s mask there.
+
+    ``guide`` (bool ``[D, H, W]``) is the structure as another model propagated it: it decides which
+    slices hold the structure and where; ``predict`` then segments each of those slices from
+    ``box_of(guide[k], margin, limits)``, once, so nothing it predicts feeds the next slice's box.
+    That keeps a model that fills whatever box it is given from carrying its boxes past a
+    structure's end (a fine-tuned model guided by the pretrained one; ``inference.volume``).
+    Slices in ``keep`` (a user's labelled slices) are copied from ``guide``, never asked;
+    predictions are zeroed outside ``limits``.
+    """
+    guide = np.asarray(guide, dtype=bool)
+    if guide.ndim != 3:
+        raise ValueError(f"resegment_structure expects a bool [D, H, W] guide; got shape {guide.shape}")
+    shape = guide.shape[1:]
+    if limits is not None:
+        limits = _check_box(limits, shape, f"limits box {tuple(limits)}")
+    segment = _checked_predict(predict, shape, limits)
+    volume = np.zeros_like(guide)
+    for k in np.nonzero(guide.any(axis=(1, 2)))[0]:
+        k = int(k)
+        if k in keep:
+            volume[k] = guide[k]
+        elif (box := box_of(guide[k], margin, limits)) is not None:  # None: the guide's mask lies outside limits
+            volume[k] = segment(k, box)
+    return volume
 
 
 def match_structures(labelled: Mapping[int, np.ndarray]) -> tuple[list[dict[int, np.ndarray]], frozenset[int]]:
@@ -282,7 +322,8 @@ def propagate_labelled(predict: Predict, depth: int, shape: tuple[int, int], lab
 
     :func:`match_structures`, then :func:`propagate_structure` per structure with every labelled
     slice that is not its own as an empty slice; the labelled slices come back exactly as drawn.
-    ``options`` go to :func:`propagate_structure` (``k_range``, ``limits``, ``margin``, ``stop``).
+    ``options`` go to :func:`propagate_structure` (``k_range``, ``limits``, ``margin``, ``stop``,
+    ``resegment``).
     """
     structures, labelled_slices = match_structures(labelled)
     volume = np.zeros((depth, *_check_shape(shape)), dtype=bool)

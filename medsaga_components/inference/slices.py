@@ -14,6 +14,7 @@ from monai.utils import convert_to_dst_type
 from medsaga_components.config_values import as_bool
 from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
 from medsaga_components.inference.flips import with_test_time_flips
+from medsaga_components.inference.propagation import PROPAGATION_GUIDES
 from medsaga_components.inference.zoom import with_zoom, zoom_setting
 
 
@@ -36,6 +37,9 @@ class SquareSliceInferer(Inferer):
             with the same ``zoom``.
         labels: ``{class name: value}`` of the model (``inference.model.served_labels``), for
             requests that name classes.
+        propagation_guide: what propagates a request through the volume, ``"self"`` (the
+            network's own predictions) or ``"pretrained"`` (zero-shot LiteMedSAM guides, the
+            network segments each slice; ``inference.volume.guide_network``).
 
     Called with ``prompts=`` (a request, ``inference.volume.parse_request``), a volume is segmented
     from it by propagation and the result comes back as one-hot class scores (the same argmax).
@@ -43,7 +47,7 @@ class SquareSliceInferer(Inferer):
 
     def __init__(self, image_size: int = 256, axis: int = 2, batch_size: int = 8,
                  test_time_flips: bool = False, zoom: float | str = 1.0,
-                 labels: Mapping[str, int] | None = None) -> None:
+                 labels: Mapping[str, int] | None = None, propagation_guide: str = "self") -> None:
         super().__init__()
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
@@ -53,6 +57,10 @@ class SquareSliceInferer(Inferer):
         self.test_time_flips = as_bool(test_time_flips, "test_time_flips")
         self.zoom = zoom_setting(zoom)  # an invalid zoom fails here, not at the first volume
         self.labels = dict(labels) if labels is not None else None
+        if propagation_guide not in PROPAGATION_GUIDES:
+            raise ValueError(f"propagation_guide is {propagation_guide!r}; expected one of {PROPAGATION_GUIDES}")
+        self.propagation_guide = propagation_guide
+        self._guide: tuple[int, torch.nn.Module | None] | None = None  # (id of the network it guides, guide)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
                  prompts: Mapping | None = None, **kwargs: Any) -> torch.Tensor:
@@ -82,7 +90,16 @@ class SquareSliceInferer(Inferer):
         if self.labels is None:
             raise ValueError("SquareSliceInferer(labels=...) is needed to read a request's class names")
         volume = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        labels = segment_volume_from_request(network, volume[0], self.axis, request, self.labels)
+        labels = segment_volume_from_request(network, volume[0], self.axis, request, self.labels,
+                                             guide=self._guide_for(network))
         scores = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), len(self.labels) + 1)
         scores = scores.movedim(-1, 0)[None].to(dtype=torch.float32, device=volume.device)  # [1, N + 1, X, Y, Z]
         return convert_to_dst_type(scores, inputs)[0] if isinstance(inputs, MetaTensor) else scores
+
+    def _guide_for(self, network: torch.nn.Module) -> torch.nn.Module | None:
+        """The guide network, built once (it loads the pretrained weights) and again only for another network."""
+        from medsaga_components.inference.volume import guide_network
+
+        if self._guide is None or self._guide[0] != id(network):
+            self._guide = (id(network), guide_network(self.propagation_guide, network))
+        return self._guide[1]

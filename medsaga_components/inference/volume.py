@@ -31,6 +31,7 @@ from torch import nn
 
 from medsaga_components.data.square_resize import fit_to_square, square_logits_to_slice
 from medsaga_components.inference.propagation import (
+    PROPAGATION_GUIDES,
     Box,
     StopRule,
     propagate_from_box,
@@ -118,12 +119,21 @@ class SliceEmbeddings:
 class ClassPredictor:
     """``predict(k, box) -> bool [H, W]`` for one class, as propagation calls it; keeps the highest
     logit of each slice's predictions (over the class's structures, as ``SamSegmenter`` takes the
-    highest over a class's boxes), by which overlapping classes are resolved."""
+    highest over a class's boxes), by which overlapping classes are resolved.
 
-    def __init__(self, slices: SliceEmbeddings, class_index: int) -> None:
+    ``guide``: the slices of a guide network (:func:`guide_network`); propagation then runs with
+    the guide's predictor of the class and this one re-asks each slice (:meth:`roles`)."""
+
+    def __init__(self, slices: SliceEmbeddings, class_index: int, guide: SliceEmbeddings | None = None) -> None:
         self.slices = slices
         self.class_index = class_index
         self.logits: dict[int, np.ndarray] = {}
+        self.guide = ClassPredictor(guide, class_index) if guide is not None else None
+
+    def roles(self) -> tuple["ClassPredictor", "ClassPredictor | None"]:
+        """``(predict, resegment)`` for the ``propagate_*`` functions: this predictor alone, or, with
+        a guide, the guide's predictor propagating and this one segmenting each slice it reached."""
+        return (self, None) if self.guide is None else (self.guide, self)
 
     def __call__(self, k: int, box: Box) -> np.ndarray:
         logits = self.slices.box_logits(k, self.class_index, box).numpy()
@@ -146,13 +156,35 @@ def _labels_from_scores(scores: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack([unclaimed, *scores]).argmax(axis=0).astype(np.uint8)  # all -inf: 0, background
 
 
-def label_map(slices: SliceEmbeddings, class_mask) -> np.ndarray:
+def guide_network(guide: str | None, network: nn.Module) -> nn.Module | None:
+    """The network that propagates a request for ``network`` (``PROPAGATION_GUIDES``): None for
+    ``"self"`` (``network`` propagates its own predictions), or for ``"pretrained"`` zero-shot
+    LiteMedSAM asked with boxes, on ``network``'s device and precision. A fine-tuned model tends to
+    fill whatever box it is given, so its own boxes do not shrink where a structure ends; the
+    pretrained model then says where the structure is, slice by slice, and ``network`` segments it."""
+    if guide in (None, "self"):
+        return None
+    if guide != "pretrained":
+        raise ValueError(f"propagation_guide is {guide!r}; expected one of {PROPAGATION_GUIDES}")
+    from medsaga_components.precision import use_bf16, uses_bf16
+
+    module = unwrapped(network)
+    zero_shot = SamSegmenter("lite_medsam", module.num_classes, checkpoint="pretrained", prompt="boxes")
+    zero_shot = zero_shot.to(next(module.parameters()).device).eval()
+    return use_bf16(zero_shot, uses_bf16(module))
+
+
+def _guide_slices(guide: nn.Module | None, volume: torch.Tensor, axis: int) -> SliceEmbeddings | None:
+    return SliceEmbeddings(guide, volume, axis) if guide is not None else None
+
+
+def label_map(slices: SliceEmbeddings, class_mask, guide: SliceEmbeddings | None = None) -> np.ndarray:
     """uint8 ``[D, H, W]`` (slices first): every class's bool ``[D, H, W]`` mask from
-    ``class_mask(predictor)`` (a :class:`ClassPredictor` of that class), a voxel claimed by several
-    classes going to the one of highest logit."""
+    ``class_mask(predictor)`` (a :class:`ClassPredictor` of that class, with ``guide``), a voxel
+    claimed by several classes going to the one of highest logit."""
     scores = []
     for class_index in range(1, slices.module.num_classes + 1):
-        predictor = ClassPredictor(slices, class_index)
+        predictor = ClassPredictor(slices, class_index, guide)
         scores.append(_class_scores(class_mask(predictor), predictor))
     return _labels_from_scores(scores)
 
@@ -183,12 +215,14 @@ def segment_volume_from_boxes(network: nn.Module, volume: torch.Tensor, axis: in
                               boxes: Mapping[int, Sequence[Sequence[float]]], class_names: Sequence[str] | None = None,
                               modality: str | None = None, margin: float = DEFAULT_MARGIN,
                               stop: StopRule = DEFAULT_STOP, slices: SliceEmbeddings | None = None,
-                              refine_seed: int = DEFAULT_REFINE_SEED) -> np.ndarray:
+                              refine_seed: int = DEFAULT_REFINE_SEED, guide: nn.Module | None = None) -> np.ndarray:
     """uint8 ``[X, Y, Z]`` label map from one 3-D box per structure.
 
     ``boxes``: ``{class index 1..N: [[i0, j0, k0, i1, j1, k1], ...]}`` (inclusive voxel corners, one
     box per structure). No voxel outside a structure's box is ever labelled with its class.
-    ``slices``: reuse the embeddings of an earlier request on the same volume."""
+    ``slices``: reuse the embeddings of an earlier request on the same volume. ``guide``: a
+    box-prompted network that propagates instead (:func:`guide_network`); ``network`` then
+    segments each slice from the box of the guide's mask there."""
     slices = slices or SliceEmbeddings(network, volume, axis, modality)
     names = list(class_names) if class_names is not None else [str(c + 1) for c in range(slices.module.num_classes)]
     check_boxes_3d(boxes, volume.shape[1:], names)
@@ -198,12 +232,13 @@ def segment_volume_from_boxes(network: nn.Module, volume: torch.Tensor, axis: in
         mask = np.zeros((slices.depth, *slices.shape), dtype=bool)
         for box in boxes.get(predictor.class_index, ()):
             box2d = (float(box[cols]), float(box[rows]), float(box[3 + cols]), float(box[3 + rows]))
-            mask |= propagate_from_box(predictor, slices.depth, slices.shape, box2d, int(round(box[axis])),
+            predict, resegment = predictor.roles()
+            mask |= propagate_from_box(predict, slices.depth, slices.shape, box2d, int(round(box[axis])),
                                        int(round(box[3 + axis])), margin=margin, stop=stop,
-                                       refine_seed=refine_seed)
+                                       refine_seed=refine_seed, resegment=resegment)
         return mask
 
-    return np.moveaxis(label_map(slices, class_mask), 0, axis)
+    return np.moveaxis(label_map(slices, class_mask, _guide_slices(guide, volume, axis)), 0, axis)
 
 
 @torch.no_grad()
@@ -211,14 +246,14 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
                                         labelled: Sequence[int] | None = None, modality: str | None = None,
                                         margin: float = DEFAULT_MARGIN, stop: StopRule = DEFAULT_STOP,
                                         num_classes: int | None = None, slices: SliceEmbeddings | None = None,
-                                        between: str = DEFAULT_BETWEEN) -> np.ndarray:
+                                        between: str = DEFAULT_BETWEEN, guide: nn.Module | None = None) -> np.ndarray:
     """uint8 ``[X, Y, Z]`` label map completed from a user's labelled slices.
 
     ``label``: ``[X, Y, Z]`` class indices 0..N, meaningful on the labelled slices only;
     ``labelled``: their indices along ``axis`` (None: every slice with a labelled voxel). Every
     structure of every class is propagated from them (``propagate_labelled``); a labelled slice
     where a class is absent stops that class's propagation there. The labelled slices come back
-    exactly as given."""
+    exactly as given. ``guide``: as for :func:`segment_volume_from_boxes`."""
     slices = slices or SliceEmbeddings(network, volume, axis, modality)
     label = np.asarray(label)
     if label.shape != tuple(volume.shape[1:]):
@@ -240,10 +275,11 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
         drawn = {int(k): by_slice[k] == predictor.class_index for k in labelled}
         if not any(mask.any() for mask in drawn.values()):
             return np.zeros(by_slice.shape, dtype=bool)
-        return propagate_labelled(predictor, slices.depth, slices.shape, drawn, margin=margin, stop=stop,
-                                  between=between)
+        predict, resegment = predictor.roles()
+        return propagate_labelled(predict, slices.depth, slices.shape, drawn, margin=margin, stop=stop,
+                                  between=between, resegment=resegment)
 
-    labels = label_map(slices, class_mask)
+    labels = label_map(slices, class_mask, _guide_slices(guide, volume, axis))
     labels[list(labelled)] = by_slice[list(labelled)]  # the user's slices as drawn
     return np.moveaxis(labels, 0, axis)
 
@@ -265,12 +301,14 @@ def structure_under_click(mask: np.ndarray, row: int, col: int) -> np.ndarray:
 def segment_volume_from_clicks(network: nn.Module, volume: torch.Tensor, axis: int,
                                clicks: Mapping[int, Sequence[Sequence[float]]], class_names: Sequence[str] | None = None,
                                modality: str | None = None, margin: float = DEFAULT_MARGIN,
-                               stop: StopRule = DEFAULT_STOP, slices: SliceEmbeddings | None = None) -> np.ndarray:
+                               stop: StopRule = DEFAULT_STOP, slices: SliceEmbeddings | None = None,
+                               guide: nn.Module | None = None) -> np.ndarray:
     """uint8 ``[X, Y, Z]`` label map from one click per structure, ``{class index 1..N: [[i, j, k], ...]}``.
 
     The clicked slice is asked for the class with the whole slice as its box (the first pass of
     box-free inference, which box-mode training teaches); the piece under the click seeds the
-    structure, which then propagates both ways as from a labelled slice."""
+    structure, which then propagates both ways as from a labelled slice. ``guide``: as for
+    :func:`segment_volume_from_boxes` (the clicked slice is still ``network``'s, which knows the class)."""
     slices = slices or SliceEmbeddings(network, volume, axis, modality)
     names = list(class_names) if class_names is not None else [str(c + 1) for c in range(slices.module.num_classes)]
     rows, cols = in_plane_axes(axis)
@@ -288,10 +326,12 @@ def segment_volume_from_clicks(network: nn.Module, volume: torch.Tensor, axis: i
             k, row, col = (int(round(click[a])) for a in (axis, rows, cols))
             seed = structure_under_click(predictor(k, (0.0, 0.0, width - 1.0, height - 1.0)), row, col)
             if seed.any():
-                mask |= propagate_structure(predictor, slices.depth, slices.shape, {k: seed}, margin=margin, stop=stop)
+                predict, resegment = predictor.roles()
+                mask |= propagate_structure(predict, slices.depth, slices.shape, {k: seed}, margin=margin, stop=stop,
+                                            resegment=resegment)
         return mask
 
-    return np.moveaxis(label_map(slices, class_mask), 0, axis)
+    return np.moveaxis(label_map(slices, class_mask, _guide_slices(guide, volume, axis)), 0, axis)
 
 
 def box_around_structure(mask: np.ndarray, jitter: float = 0.0, rng: np.random.Generator | None = None) -> list[float]:
@@ -310,7 +350,7 @@ def box_around_structure(mask: np.ndarray, jitter: float = 0.0, rng: np.random.G
     return [*np.minimum(low, high).tolist(), *np.maximum(low, high).tolist()]
 
 
-__all__ = ["SliceEmbeddings", "ClassPredictor", "label_map", "segment_volume_from_boxes", "segment_volume_from_labelled_slices",
+__all__ = ["SliceEmbeddings", "ClassPredictor", "label_map", "guide_network", "PROPAGATION_GUIDES", "segment_volume_from_boxes", "segment_volume_from_labelled_slices",
            "segment_volume_from_clicks", "structure_under_click", "parse_request", "segment_volume_from_request",
            "box_around_structure", "check_boxes_3d", "DEFAULT_MARGIN", "DEFAULT_STOP"]
 
@@ -353,21 +393,23 @@ def _list_of(value, width: int) -> list:
 
 @torch.no_grad()
 def segment_volume_from_request(network: nn.Module, volume: torch.Tensor, axis: int, request: Mapping,
-                                labels: Mapping[str, int], modality: str | None = None) -> np.ndarray:
+                                labels: Mapping[str, int], modality: str | None = None,
+                                guide: nn.Module | None = None) -> np.ndarray:
     """uint8 ``[X, Y, Z]`` label map from a user's request (:func:`parse_request`): the one entry
-    that ``run inference --prompts``, MONAI Label and the CLI call."""
+    that ``run inference --prompts``, MONAI Label and the CLI call. ``guide``: the network that
+    propagates (:func:`guide_network`; None: ``network`` itself)."""
     source, prompts = parse_request(request, labels)
     names = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
     if source == "boxes":
-        return segment_volume_from_boxes(network, volume, axis, prompts, names, modality)
+        return segment_volume_from_boxes(network, volume, axis, prompts, names, modality, guide=guide)
     if source == "clicks":
-        return segment_volume_from_clicks(network, volume, axis, prompts, names, modality)
+        return segment_volume_from_clicks(network, volume, axis, prompts, names, modality, guide=guide)
     if isinstance(prompts, (str, bytes)) or hasattr(prompts, "__fspath__"):
         from medsaga_components.data.volume_io import read_label
 
         prompts = read_label(prompts)[0]
     return segment_volume_from_labelled_slices(network, volume, axis, np.asarray(prompts), modality=modality,
-                                               num_classes=len(labels))
+                                               num_classes=len(labels), guide=guide)
 
 
 class VolumePrompts:
