@@ -11,6 +11,7 @@ from medsaga_components.inference.volume import (
     SliceEmbeddings,
     box_around_structure,
     segment_volume_from_boxes,
+    segment_volume_from_clicks,
     segment_volume_from_labelled_slices,
 )
 
@@ -71,6 +72,26 @@ def test_labelled_slices_come_back_exactly_as_drawn(network):
     assert np.array_equal(out[..., 4], label[..., 4]) and np.array_equal(out[..., 9], label[..., 9])
     assert (out[..., 5:9] == 1).any(), "class 1 propagates between its labelled slices"
     assert not (out[..., 9:] == 2).any(), "class 2 does not cross the slice labelled without it"
+
+
+def test_a_guide_propagates_and_the_network_only_segments_what_the_guide_found(network):
+    # The network answers "inside" everywhere; a guide that finds nothing anywhere leaves nothing for
+    # it to segment, from a 3-D box, labelled slices (kept as drawn) or a click alike.
+    blind = SamSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=SIZE, prompt="boxes").eval()
+    decode = blind.backbone.decode_masks
+    blind.backbone.decode_masks = lambda *args: torch.full_like(decode(*args), -10.0)  # "outside" everywhere
+    image = volume()
+    box = {1: [[5, 4, 3, 20, 18, 8]]}
+    assert (segment_volume_from_boxes(network, image, 2, box) == 1).any()
+    assert not segment_volume_from_boxes(network, image, 2, box, guide=blind).any()
+    label = np.zeros((40, 30, 12), np.int64)
+    label[10:20, 5:15, 4] = 1
+    out = segment_volume_from_labelled_slices(network, image, 2, label, guide=blind)
+    assert np.array_equal(out[..., 4], label[..., 4]) and not np.delete(out, 4, axis=2).any()
+    assert np.delete(segment_volume_from_labelled_slices(network, image, 2, label), 4, axis=2).any()
+    # the clicked slice is the network's own (it knows the class); the guide takes it from there
+    clicked = segment_volume_from_clicks(network, image, 2, {1: [[15, 10, 6]]}, guide=blind)
+    assert clicked[..., 6].any() and not np.delete(clicked, 6, axis=2).any()
 
 
 def test_bad_prompts_are_errors_naming_the_structure_and_slice(network):
@@ -166,13 +187,15 @@ def test_prompt_sources_average_test_patients_per_source():
 
 def test_prompt_sources_read_a_datasets_test_patients_from_dicom(tmp_path):
     """``medsaga prompt-sources --dataset_dir``: the test patient of a cross-patient fold, whole,
-    with no labelled slice of its own."""
+    with no labelled slice of its own (``--split validation``: the validation patient)."""
     from medsaga_components.data.demo import write_demo_dataset
-    from medsaga_components.evaluation.prompt_sources import _dataset_test_volumes
+    from medsaga_components.evaluation.prompt_sources import _dataset_volumes
 
     json_path = write_demo_dataset(str(tmp_path / "fold3"), task="lung_tumour_fold3")
-    volumes, labelled, names, note = _dataset_test_volumes(str(tmp_path / "fold3"))
-    assert labelled == [] and names == ["background", "tumour"] and "pat_3/CT" in note
+    volumes, labelled, names, note = _dataset_volumes(str(tmp_path / "fold3"))
+    assert labelled == [] and names == ["background", "tumour"] and "test volumes ['pat_3/CT']" in note
+    validation, *_ = _dataset_volumes(str(tmp_path / "fold3"), "validation")  # where a guide is chosen
+    assert list(validation) == ["pat_4/CT"]
     (image, label, spacing, test), = volumes.values()
     assert tuple(image.shape) == (1, 136, 137, 46) and 0 <= float(image.min()) and float(image.max()) <= 1
     assert test == list(range(46)) and spacing[2] == pytest.approx(3.0)

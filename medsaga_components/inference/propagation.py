@@ -6,6 +6,10 @@ prediction's box, and so on (the mechanism of LiteMedSAM's 3-D inference and mic
 ``segment_mask_in_volume``). Between two seeds both ends propagate towards the middle; beyond
 the outermost seeds propagation goes outwards until a :class:`StopRule` says the structure ended.
 
+With ``resegment``, ``predict`` only guides (another model propagates) and every slice it reached
+is then segmented once more by ``resegment`` from the box of the guide's mask there
+(:func:`resegment_structure`).
+
 No network is touched here: the caller passes ``predict(k, box) -> bool [H, W]``, which segments
 one structure on slice ``k`` from a box prompt. The caller caches image embeddings, so calling it
 many times per slice is cheap.

@@ -91,12 +91,12 @@ class SquareSliceInferer(Inferer):
             raise ValueError("SquareSliceInferer(labels=...) is needed to read a request's class names")
         volume = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         labels = segment_volume_from_request(network, volume[0], self.axis, request, self.labels,
-                                             guide=self._guide_for(network))
+                                             guide=self.guide_for(network))
         scores = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), len(self.labels) + 1)
         scores = scores.movedim(-1, 0)[None].to(dtype=torch.float32, device=volume.device)  # [1, N + 1, X, Y, Z]
         return convert_to_dst_type(scores, inputs)[0] if isinstance(inputs, MetaTensor) else scores
 
-    def _guide_for(self, network: torch.nn.Module) -> torch.nn.Module | None:
+    def guide_for(self, network: torch.nn.Module) -> torch.nn.Module | None:
         """The guide network, built once (it loads the pretrained weights) and again only for another network."""
         from medsaga_components.inference.volume import guide_network
 
