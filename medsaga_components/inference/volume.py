@@ -9,9 +9,10 @@
 
 A box-prompted network (medsaga and samed in box mode, mcp_medsam, zero-shot LiteMedSAM) does
 the 2-D work; with a ``guide`` (:func:`guide_network`) the guide propagates and the network
-segments each slice the guide reached. Each slice's image embedding is computed once (:class:`SliceEmbeddings`) and reused
-for every class, structure and direction, so a request costs one encoder pass per slice the
-prompts reach plus one decoder pass per prompted (slice, structure).
+segments each slice the guide reached. Each slice's image embedding is computed once
+(:class:`SliceEmbeddings`) and reused for every class, structure and direction, so a request
+costs one encoder pass per slice the prompts reach (per network) plus one decoder pass per
+prompted (slice, structure).
 
 Volumes are ``[C, X, Y, Z]`` tensors already preprocessed (the bundle's ``preprocessing``);
 prompts are voxel indices ``[i, j, k]`` of that array; slices are taken along ``axis``, and a
