@@ -27,21 +27,17 @@ Conventions:
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medsaga_components.data.dicom_series import check_series
+from medsaga_components.data.dicom_series import LPS_TO_RAS, check_series
 from medsaga_components.data.errors import VolumeReadError
-
-logger = logging.getLogger(__name__)
 
 ON_SLICE_TOLERANCE = 0.25  # of the slice spacing
 INSIDE_TOLERANCE = 0.5  # voxels beyond the outermost voxel centre
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def is_rtstruct(path: str | Path) -> bool:

@@ -33,8 +33,6 @@ from medsaga_components.data.rtstruct import is_rtstruct, read_rtstruct
 logger = logging.getLogger(__name__)
 
 
-
-
 def is_png(path: str | Path) -> bool:
     return str(path).lower().endswith(".png")
 

@@ -57,7 +57,7 @@ class McpPrepareBatch:
             smaller than its box, never cut by it. Propagation through a volume asks each slice
             with the box of its neighbour's prediction, which near a structure's end is larger
             than the structure; a model trained only on tight boxes fills whatever box it gets,
-            and the prediction then never shrinks (docs/dicom.md's lung tumour runs).
+            and the prediction then never shrinks (docs/results.md, lung tumour).
     """
 
     def __init__(self, num_classes: int, dataset_json: str, modalities: Sequence[str] | None = None,
