@@ -273,3 +273,76 @@ def test_expanded_training_boxes_hold_the_structure_and_grow_only_outward(tmp_pa
     assert torch.equal(tight.reshape(64, 4)[0], torch.tensor([12.0, 10.0, 31.0, 19.0])), "no seed: no growth"
     with pytest.raises(ValueError, match="expand must be in"):
         McpPrepareBatch(1, dataset_json, seed=0, expand=-0.1)
+
+
+# --- choosing the model by one 3-D box per structure (configs/validate_box_3d.json) -------------
+
+def test_validation_boxes_hold_each_structure_and_are_the_same_at_every_validation():
+    from medsaga_components.training.volume_validation import BoxRequestsFromLabels
+
+    label = torch.zeros(1, 40, 40, 12, dtype=torch.long)
+    label[0, 4:10, 5:12, 2:6] = 1  # class 1: a left and a right structure
+    label[0, 25:35, 20:30, 3:9] = 1
+    label[0, 15:20, 30:36, 5:11] = 2
+    requests = BoxRequestsFromLabels(["left-right", "single"], jitter=0.05, seed=3)
+    request = requests.request(label)
+    assert requests.request(label) == request  # checkpoints are compared on equal prompts
+    assert sorted(request["boxes"]) == ["left-right", "single"]
+    assert len(request["boxes"]["left-right"]) == 2 and len(request["boxes"]["single"]) == 1
+    for name, c in (("left-right", 1), ("single", 2)):
+        inside = np.zeros(label.shape[1:], dtype=bool)
+        for i0, j0, k0, i1, j1, k1 in request["boxes"][name]:
+            inside[int(i0):int(i1) + 1, int(j0):int(j1) + 1, int(k0):int(k1) + 1] = True
+        covered = inside[label[0].numpy() == c].mean()
+        assert covered > 0.6, f"{name}: a 5 % drag keeps most of the structure inside its box ({covered:.2f})"
+    image = torch.zeros(1, 1, 40, 40, 12)
+    _, _, _, kwargs = requests({"image": image, "label": label[None]})
+    assert kwargs["prompts"] == request
+    with pytest.raises(ValueError, match="one at a time"):
+        requests({"image": image.repeat(2, 1, 1, 1, 1), "label": label[None].repeat(2, 1, 1, 1, 1)})
+    with pytest.raises(ValueError, match="jitter"):
+        BoxRequestsFromLabels(["a"], jitter=0.6)
+
+
+def test_validation_from_3d_boxes_needs_validation_volumes(tmp_path, demo_dir):
+    from medsaga_components.training.volume_validation import validation_volumes
+
+    volumes = validation_volumes(demo_dir / "dataset.json")
+    declared = json.loads((demo_dir / "dataset.json").read_text())["validation"]
+    assert len(volumes) == len(declared)
+    for item, entry in zip(volumes, declared):
+        assert item["image"].meta["filename_or_obj"] == entry["image"]
+        assert item["image"].shape == item["label"].shape == (1, *nib.load(demo_dir / entry["image"]).shape)
+    dataset = json.loads((demo_dir / "dataset.json").read_text())
+    del dataset["validation"]
+    shutil.copytree(demo_dir, tmp_path / "no_validation")
+    (tmp_path / "no_validation" / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ValueError, match="validate_box_3d.json.*'validation' list"):
+        validation_volumes(tmp_path / "no_validation" / "dataset.json")
+
+
+@pytest.mark.parametrize("bundle", BOX_BUNDLES)
+def test_a_model_chosen_by_3d_boxes_scores_its_validation_volumes_as_inference_does(bundle, demo_dir, tmp_path):
+    """Training keeps the checkpoint of the best validation, and that validation is the volume
+    Dice that ``run inference --prompts`` gives the kept model.pt from the same 3-D boxes."""
+    from monai.metrics import compute_dice
+    from medsaga_components.inference.volume import segment_volume_from_request
+    from medsaga_components.training.volume_validation import BoxRequestsFromLabels, validation_volumes
+
+    shutil.copytree(REPO / "bundles" / bundle / "configs", tmp_path / "configs")
+    done = run_bundle("training", configs(bundle, "train", "boxes", "validate_box_3d"), "--bundle_root",
+                      str(tmp_path), "--dataset_dir", str(demo_dir), *TINY_TRAINING)
+    log = done.stdout + done.stderr
+    assert log.count("Metrics -- val_mean_dice") == 2  # both epochs validated
+    best = json.loads((tmp_path / "eval" / "training_summary.json").read_text())["best_validation"]
+    served = TwoPassBoxSegmenter("lite_medsam_tiny", 2, checkpoint=None, image_size=64)
+    served.load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True), strict=True)
+    served.eval()
+    requests = BoxRequestsFromLabels(["grey matter", "white matter"], jitter=0.05, seed=0)
+    scores = []
+    for item in validation_volumes(demo_dir / "dataset.json"):
+        labels = segment_volume_from_request(served, item["image"], 2, requests.request(item["label"]),
+                                             {"grey matter": 1, "white matter": 2})
+        onehot = lambda x: torch.nn.functional.one_hot(torch.as_tensor(x).long(), 3).movedim(-1, 0)[None]  # noqa: E731
+        scores.append(compute_dice(onehot(labels), onehot(item["label"][0]), include_background=False))
+    assert torch.cat(scores).nanmean().item() == pytest.approx(best, abs=1e-3)

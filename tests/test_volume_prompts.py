@@ -189,12 +189,12 @@ def test_prompt_sources_read_a_datasets_test_patients_from_dicom(tmp_path):
     """``medsaga prompt-sources --dataset_dir``: the test patient of a cross-patient fold, whole,
     with no labelled slice of its own (``--split validation``: the validation patient)."""
     from medsaga_components.data.demo import write_demo_dataset
-    from medsaga_components.evaluation.prompt_sources import _dataset_volumes
+    from medsaga_components.evaluation.prompt_sources import dataset_volumes
 
     json_path = write_demo_dataset(str(tmp_path / "fold3"), task="lung_tumour_fold3")
-    volumes, labelled, names, note = _dataset_volumes(str(tmp_path / "fold3"))
+    volumes, labelled, names, note = dataset_volumes(str(tmp_path / "fold3"))
     assert labelled == [] and names == ["background", "tumour"] and "test volumes ['pat_3/CT']" in note
-    validation, *_ = _dataset_volumes(str(tmp_path / "fold3"), "validation")  # where a guide is chosen
+    validation, *_ = dataset_volumes(str(tmp_path / "fold3"), "validation")  # where a guide is chosen
     assert list(validation) == ["pat_4/CT"]
     (image, label, spacing, test), = volumes.values()
     assert tuple(image.shape) == (1, 136, 137, 46) and 0 <= float(image.min()) and float(image.max()) <= 1

@@ -21,6 +21,7 @@ from medsaga_components.training.handlers import SaveBestPlainModel, handlers_fo
 from medsaga_components.training.memory import enable_memory_efficient_training
 from medsaga_components.training.setup import prepare_training
 from medsaga_components.training.stopping import TrainUntilPlateau
+from medsaga_components.training.volume_validation import BoxRequestsFromLabels, validation_volumes
 
 __all__ = [
     "CheckVolumed", "check_volumes", "DicomSegWriter", "LoadVolumed", "EvaluateOnTestVolumes", "FewShotExperiment", "McpPrepareBatch", "PromptsFromLabels", "SaveBestPlainModel",
@@ -29,4 +30,5 @@ __all__ = [
     "enable_memory_efficient_training", "evaluation_points",
     "experiment_dataset", "handlers_for_this_process", "find_bundle_root", "keep_freed_cpu_memory", "list_volumes",
     "prediction_saver", "prepare_training", "register_atomic_nifti_writer", "served_labels", "use_bf16", "VolumePrompts",
+    "BoxRequestsFromLabels", "validation_volumes",
 ]

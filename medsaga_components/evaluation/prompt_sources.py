@@ -258,7 +258,7 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
 
     if threads:
         torch.set_num_threads(int(threads))
-    volumes, labelled, names, note = (_dataset_volumes(dataset_dir, split) if dataset_dir is not None
+    volumes, labelled, names, note = (dataset_volumes(dataset_dir, split) if dataset_dir is not None
                                       else _demo_test_volume(task, shots))
     network = SamSegmenter(backbone, len(names) - 1, checkpoint="pretrained" if model == "zero_shot" else None,
                            image_size=image_size, prompt="boxes" if model == "zero_shot" else "mcp")
@@ -312,7 +312,7 @@ def _demo_test_volume(task: str, shots: int):
     return {task: (volume, label.astype(np.int64), voxel_spacing(affine), test)}, labelled, names, note
 
 
-def _dataset_volumes(dataset_dir: str, split: str = "test"):
+def dataset_volumes(dataset_dir: str, split: str = "test"):
     """Every labelled volume of a dataset.json's ``split``, whole (all its slices along axis 2)."""
     from medsaga_components.data.decathlon import load_decathlon
     from medsaga_components.data.intensity import scale_intensity
