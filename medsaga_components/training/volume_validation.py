@@ -22,8 +22,9 @@ from medsaga_components.evaluation.prompt_sources import dataset_volumes, user_b
 
 def validation_volumes(dataset_json: str | Path) -> list[dict[str, torch.Tensor]]:
     """``[{"image": [1, X, Y, Z], "label": [1, X, Y, Z]}, ...]``: every labelled validation volume of a
-    dataset.json, whole, preprocessed as inference preprocesses it; the image keeps its file name
-    (``meta["filename_or_obj"]``). Raises ValueError naming the file when it declares none."""
+    dataset.json, whole, read and scaled as ``medsaga prompt-sources`` reads them; the image keeps its
+    path as dataset.json writes it (``meta["filename_or_obj"]``). Raises ValueError naming the file
+    when it declares none."""
     path = Path(dataset_json)
     try:
         volumes, *_ = dataset_volumes(str(path.parent if path.suffix == ".json" else path), "validation")
