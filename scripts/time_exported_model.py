@@ -24,33 +24,21 @@ from pathlib import Path
 import torch
 
 from medsaga_components import SamSegmenter
-from medsaga_components.data import SliceDataset, load_decathlon
-from medsaga_components.data.manifest import SliceRef
 from medsaga_components.inference.model import load_plain_model
 from medsaga_components.precision import use_bf16
+from time_inference_paths import _dice, _test_slices  # the sibling script: same test slices, same Dice
 
 
-def test_slices(dataset_dir: Path, image_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def spread_test_slices(dataset_dir: Path, image_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Up to ``count`` test slices, evenly spread: ``(image [1, 1, S, S], label [S, S])``."""
-    import nibabel as nib
-
-    dataset = load_decathlon(dataset_dir)
-    refs = [SliceRef(e.image, e.label, 2, z) for e in dataset.entries("test")
-            for z in range(nib.load(str(e.image_path)).shape[2])]
-    refs = refs[::max(1, len(refs) // count)][:count]
-    slices = SliceDataset(dataset, refs, image_size)
-    return [(item["image"][None].float(), item["label"][0].long()) for item in slices]
+    slices = _test_slices(dataset_dir, image_size)
+    picked = range(0, len(slices), max(1, len(slices) // count))[:count]
+    return [(slices[i]["image"][None].float(), slices[i]["label"][0].long()) for i in picked]
 
 
 def dice(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
     """Mean over foreground classes of the Dice over all slices (``[K, S, S]`` class maps)."""
-    scores = []
-    for c in range(1, num_classes + 1):
-        p, t = prediction == c, target == c
-        total = int(p.sum() + t.sum())
-        if total:
-            scores.append(2 * int((p & t).sum()) / total)
-    return sum(scores) / len(scores)
+    return sum(_dice(prediction.numpy(), target.numpy(), c) for c in range(1, num_classes + 1)) / num_classes
 
 
 def exported(network: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -71,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    slices = test_slices(args.dataset_dir, args.image_size, args.slices)
+    slices = spread_test_slices(args.dataset_dir, args.image_size, args.slices)
     network = load_plain_model(SamSegmenter(args.backbone, args.num_classes, checkpoint=None,
                                             image_size=args.image_size), args.model_path).eval()
     bf16 = use_bf16(copy.deepcopy(network), True).eval()

@@ -25,9 +25,8 @@ def validation_volumes(dataset_json: str | Path) -> list[dict[str, torch.Tensor]
     dataset.json, whole, read and scaled as ``medsaga prompt-sources`` reads them; the image keeps its
     path as dataset.json writes it (``meta["filename_or_obj"]``). Raises ValueError naming the file
     when it declares none."""
-    path = Path(dataset_json)
     try:
-        volumes, *_ = dataset_volumes(str(path.parent if path.suffix == ".json" else path), "validation")
+        volumes, *_ = dataset_volumes(str(dataset_json), "validation")
     except ValueError as exc:
         raise ValueError(f"{exc}: configs/validate_box_3d.json segments whole validation volumes, so "
                          f"dataset.json needs a 'validation' list of labelled volumes") from None
