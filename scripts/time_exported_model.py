@@ -1,13 +1,15 @@
-"""Is an exported model worth shipping? TorchScript against eager PyTorch on a dataset's test slices.
+"""Is an exported model worth shipping? TorchScript and OpenVINO against eager PyTorch on a dataset's test slices.
 
     python scripts/time_exported_model.py --model_path M --dataset_dir D [--slices 24] [--threads 2]
 
 The bundle's prompt-free network (``models/model.pt``) is exported the way ``python -m monai.bundle
 ckpt_export --use_trace true`` exports it: ``torch.jit.trace`` on one ``[1, 1, S, S]`` slice; then
-frozen and passed through ``torch.jit.optimize_for_inference``, as a deployment would. Four paths
+frozen and passed through ``torch.jit.optimize_for_inference``, as a deployment would. Six paths
 run one forward per slice, interleaved slice by slice so that they share the machine's load:
 eager float32, eager with the image encoder under bf16 autocast (the bundles' ``--bf16 true``),
-traced float32 and traced bf16 (traced with the autocast on). Printed per path: the median
+traced float32 and traced bf16 (traced with the autocast on), and the image encoder compiled by
+OpenVINO in float32 and in bf16 (the bundles' ``openvino`` key, ``inference/openvino_encoder.py``;
+the rest of the network stays eager). Printed per path: the median
 seconds per slice, and the mean Dice over classes against eager float32 and against the ground
 truth. The issue's rule: keep an exported path only where it is >= 1.3x faster than bf16 eager at
 equal Dice.
@@ -25,6 +27,7 @@ import torch
 
 from medsaga_components import SamSegmenter
 from medsaga_components.inference.model import load_plain_model
+from medsaga_components.inference.openvino_encoder import use_openvino
 from medsaga_components.precision import use_bf16
 from time_inference_paths import _dice, _test_slices  # the sibling script: same test slices, same Dice
 
@@ -66,13 +69,15 @@ def main() -> None:
     example = slices[0][0]
     start = time.perf_counter()
     paths = {"eager float32": network, "eager bf16": bf16,
-             "traced float32": exported(network, example), "traced bf16": exported(bf16, example)}
+             "traced float32": exported(network, example), "traced bf16": exported(bf16, example),
+             "OpenVINO encoder float32": use_openvino(copy.deepcopy(network), True),
+             "OpenVINO encoder bf16": use_openvino(use_bf16(copy.deepcopy(network), True), True)}
     print(f"exported both in {time.perf_counter() - start:.1f} s")
 
     seconds = {name: [] for name in paths}
     labels = {name: [] for name in paths}
     with torch.no_grad():
-        for name, path in paths.items():  # warm-up: the traced paths optimise on their first calls
+        for name, path in paths.items():  # warm-up: the traced paths optimise, OpenVINO compiles, on first calls
             for _ in range(2):
                 path(example)
         for image, _ in slices:

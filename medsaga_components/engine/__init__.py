@@ -5,6 +5,7 @@ inference in ``inference/``, prompts in ``prompts/``, the test evaluation in ``e
 from medsaga_components.bundle_config import find_bundle_root
 from medsaga_components.evaluation.test_volumes import EvaluateOnTestVolumes, evaluation_points
 from medsaga_components.inference.model import check_model_file, served_labels
+from medsaga_components.inference.openvino_encoder import use_openvino
 from medsaga_components.inference.preprocessing import CheckVolumed, LoadVolumed, ScaleIntensityForModalityd, check_volumes
 from medsaga_components.inference.slices import SquareSliceInferer
 from medsaga_components.inference.two_pass import TwoPassBoxSegmenter, TwoPassInferer, TwoPassPointSegmenter
@@ -29,6 +30,6 @@ __all__ = [
     "TwoPassPointSegmenter", "ZoomInferer", "check_model_file", "dataset_modality",
     "enable_memory_efficient_training", "evaluation_points",
     "experiment_dataset", "handlers_for_this_process", "find_bundle_root", "keep_freed_cpu_memory", "list_volumes",
-    "prediction_saver", "prepare_training", "register_atomic_nifti_writer", "served_labels", "use_bf16", "VolumePrompts",
+    "prediction_saver", "prepare_training", "register_atomic_nifti_writer", "served_labels", "use_bf16", "use_openvino", "VolumePrompts",
     "BoxRequestsFromLabels", "validation_volumes",
 ]

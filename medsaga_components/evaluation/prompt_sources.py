@@ -234,13 +234,14 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
                            jitter: float = 0.05,
                            seed: int = 0, backbone: str = "lite_medsam", image_size: int = 256,
                            per_structure: bool = True, threads: int | None = None, bf16: str | bool = False,
-                           dataset_dir: str | None = None, split: str = "test", guide: str = "self") -> dict:
+                           openvino: str | bool = False, dataset_dir: str | None = None, split: str = "test", guide: str = "self") -> dict:
     """``medsaga prompt-sources``: every prompt source side by side on a demo task's test slab.
 
     ``model``: ``zero_shot`` (pretrained LiteMedSAM asked with boxes) or the ``models/model.pt`` of a
     bundle trained in box mode (``configs/boxes.json``; ``per_structure``: its box-free first pass boxes
     each structure, as a model trained with ``--box_per_structure true``). ``bf16``: as the bundles'
-    key (``precision.py``). ``guide``: what propagates the prompts, ``self`` or ``pretrained``
+    key (``precision.py``); ``openvino``: as theirs too (``inference/openvino_encoder.py``; off here by
+    default, so that seconds compare with the recorded runs). ``guide``: what propagates the prompts, ``self`` or ``pretrained``
     (``inference.volume.guide_network``; the bundles' ``propagation_guide``). Writes
     ``out/prompt_sources.json`` and ``.md``.
 
@@ -254,7 +255,8 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
 
     from medsaga_components.inference.model import load_plain_model
     from medsaga_components.io.atomic import write_json_atomic, write_text_atomic
-    from medsaga_components.precision import use_bf16, uses_bf16
+    from medsaga_components.inference.openvino_encoder import encoder_runtime, use_openvino
+    from medsaga_components.precision import use_bf16
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -268,7 +270,7 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
         network = load_plain_model(TwoPassBoxSegmenter(backbone, len(names) - 1, checkpoint=None, image_size=image_size,
                                                        modality_prompt=False, content_prompt=False,
                                                        per_structure=per_structure), model)
-    network = use_bf16(network.eval(), bf16)
+    network = use_openvino(use_bf16(network.eval(), bf16), openvino)
     guide_net = guide_network(guide, network)
     if sources is None:
         sources = PROMPT_SOURCES + BASELINES if labelled else ("box_3d", "click", ORACLE, "none")
@@ -284,9 +286,8 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
         per_volume[name] = evaluate_prompt_sources(network, volume, label, 2, labelled, test, names, wanted,
                                                    spacing, jitter, seed, guide=guide_net)
     results = per_volume[next(iter(per_volume))] if len(per_volume) == 1 else average_results(per_volume)
-    precision = "bf16" if uses_bf16(network) else "float32"
     guided = "" if guide_net is None else ", propagated by pretrained LiteMedSAM (each slice encoded by both models)"
-    note = (f"{note}, model {model} (image encoder in {precision}){guided}; 3-D boxes jittered by up to {jitter:.0%} of each "
+    note = (f"{note}, model {model} (image encoder: {encoder_runtime(network)}){guided}; 3-D boxes jittered by up to {jitter:.0%} of each "
             f"side's extent (seed {seed}).")
     out_dir = Path(out)
     write_json_atomic(out_dir / "prompt_sources.json", {"task": dataset_dir or task, "model": model, "guide": guide,

@@ -161,19 +161,19 @@ def _labels_from_scores(scores: Sequence[np.ndarray]) -> np.ndarray:
 def guide_network(guide: str | None, network: nn.Module) -> nn.Module | None:
     """The network that propagates a request for ``network`` (``PROPAGATION_GUIDES``): None for
     ``"self"`` (``network`` propagates its own predictions), or for ``"pretrained"`` zero-shot
-    LiteMedSAM asked with boxes, on ``network``'s device and precision. A fine-tuned model tends to
+    LiteMedSAM asked with boxes, on ``network``'s device, precision and encoder runtime. A fine-tuned model tends to
     fill whatever box it is given, so its own boxes do not shrink where a structure ends; the
     pretrained model then says where the structure is, slice by slice, and ``network`` segments it."""
     if guide in (None, "self"):
         return None
     if guide != "pretrained":
         raise ValueError(f"propagation_guide is {guide!r}; expected one of {PROPAGATION_GUIDES}")
-    from medsaga_components.precision import use_bf16, uses_bf16
+    from medsaga_components.inference.openvino_encoder import same_encoder_runtime
 
     module = unwrapped(network)
     zero_shot = SamSegmenter("lite_medsam", module.num_classes, checkpoint="pretrained", prompt="boxes")
     zero_shot = zero_shot.to(next(module.parameters()).device).eval()
-    return use_bf16(zero_shot, uses_bf16(module))
+    return same_encoder_runtime(zero_shot, module)
 
 
 def _guide_slices(guide: nn.Module | None, volume: torch.Tensor, axis: int) -> SliceEmbeddings | None:

@@ -108,6 +108,11 @@ class ServedBundle:
         """``inference.json``'s ``bf16`` (``"auto"``: bf16 autocast where the device runs it natively)."""
         return self.parser.get_parsed_content("bf16", default=False)
 
+    @property
+    def openvino(self) -> str | bool:
+        """``inference.json``'s ``openvino`` (``"auto"``: the encoder run by OpenVINO where it is installed)."""
+        return self.parser.get_parsed_content("openvino", default=False)
+
     def build_network(self) -> torch.nn.Module:
         """A new plain network from ``network_def`` (weights not loaded)."""
         return self.parser.get_parsed_content("network_def", instantiate=True, lazy=False)

@@ -84,6 +84,7 @@ class BundleSegmentation(BasicInferTask):
                 f"(save labels, then POST /train/{self.bundle.name}; or python -m monai.bundle run training "
                 f"--config_file {self.bundle.root / 'configs' / 'train.json'})")
         from medsaga_components.inference.model import load_plain_model
+        from medsaga_components.inference.openvino_encoder import use_openvino
         from medsaga_components.precision import use_bf16
 
         stamp = os.stat(path).st_mtime_ns
@@ -91,7 +92,8 @@ class BundleSegmentation(BasicInferTask):
             cached = self._networks.get(device)
             if cached is None or cached[1] != stamp:
                 network = load_plain_model(self.bundle.build_network(), path).to(torch.device(device)).eval()
-                network = use_bf16(network, self.bundle.bf16)  # as the bundle's own `run inference`
+                # as the bundle's own `run inference`
+                network = use_openvino(use_bf16(network, self.bundle.bf16), self.bundle.openvino)
                 self._networks[device] = (network, stamp)
             return self._networks[device][0]
 
