@@ -1,6 +1,7 @@
 """The image encoder run by OpenVINO: the same answer as PyTorch on real weights and a real slice,
 compiled from the weights it has when first called (and again when they change), never in a
-pass that needs gradients, switched by the bundles' ``openvino`` key, and used by ``run inference``.
+pass that needs gradients or in training mode, switched by the bundles' ``openvino`` key, and
+used by ``run inference`` (training's validations: tests/test_bundles.py).
 
 OpenVINO is installed by scripts/setup_env.sh (the ``openvino`` extra); these tests fail, not
 skip, where it is missing."""
@@ -79,13 +80,20 @@ def test_compiled_from_the_weights_it_has_when_called_and_again_when_they_change
     assert _encoder_patch(network).compilations == 2
 
 
-def test_a_pass_that_needs_gradients_runs_pytorch(one_torch_thread):
+def test_a_pass_that_needs_gradients_or_runs_in_training_mode_runs_pytorch(one_torch_thread):
     network = use_openvino(_tiny_network(0), True)
     logits = network(torch.rand(2, 1, 64, 64))
     logits.sum().backward()
     encoder_weights = list(network.backbone.image_encoder.parameters())
     assert all(p.grad is not None for p in encoder_weights)
+    network.train()
+    with torch.no_grad():  # a frozen encoder in training mode: its batch norms use the batch's statistics
+        network(torch.rand(2, 1, 64, 64))
     assert _encoder_patch(network).compilations == 0
+    network.eval()
+    with torch.no_grad():
+        network(torch.rand(2, 1, 64, 64))
+    assert _encoder_patch(network).compilations == 1 and not network.backbone.image_encoder.training
 
 
 def test_the_bundle_key_and_the_precision():

@@ -29,6 +29,7 @@ from medsaga_components.inference.flips import with_test_time_flips
 from medsaga_components.inference.model import load_plain_model
 from medsaga_components.inference.two_pass import TwoPassInferer, unwrapped
 from medsaga_components.inference.zoom import with_zoom, zoom_setting
+from medsaga_components.inference.openvino_encoder import use_openvino
 from medsaga_components.precision import use_bf16
 from medsaga_components.prompts.box_batches import McpPrepareBatch, whole_image_boxes
 
@@ -156,15 +157,15 @@ class EvaluateOnTestVolumes:
     """When training completes: load the best plain model (a copy of ``network``) and evaluate it
     on the held-out test volumes, with :func:`evaluate_box_prompted` when ``boxes`` is given (a
     box-prompted method: one of :data:`TEST_BOXES`), else :func:`evaluate_test_volumes`
-    (``test_time_flips``, ``prompts``, ``zoom``). ``bf16``: the bundle key (``precision.py``),
-    applied to the loaded copy. Report, predictions and overlays go to ``output_dir``; calling it
+    (``test_time_flips``, ``prompts``, ``zoom``). ``bf16`` and ``openvino``: the bundle keys
+    (``precision.py``, ``inference/openvino_encoder.py``), applied to the loaded copy. Report, predictions and overlays go to ``output_dir``; calling it
     returns the summary (``run evaluating``)."""
 
     def __init__(self, network: nn.Module, model_path: str | Path, dataset: SliceDataset, output_dir: str | Path,
                  device: str | torch.device = "cpu", batch_size: int = 4, test_time_flips: bool = False,
                  prompts: Callable | None = None, zoom: float | str = 1.0, boxes: str | None = None,
                  modalities: Sequence[str] | None = None, per_structure: bool = False,
-                 bf16: str | bool = False) -> None:
+                 bf16: str | bool = False, openvino: str | bool = False) -> None:
         if boxes is not None and boxes not in TEST_BOXES:
             raise ValueError(f"test boxes must be one of {TEST_BOXES}, got {boxes!r}")
         self.network, self.model_path, self.dataset = network, Path(model_path), dataset
@@ -172,13 +173,14 @@ class EvaluateOnTestVolumes:
         self.test_time_flips, self.prompts, self.zoom = test_time_flips, prompts, zoom
         self.boxes, self.modalities = boxes, modalities
         self.per_structure = as_bool(per_structure, "per_structure")
-        self.bf16 = bf16
+        self.bf16, self.openvino = bf16, openvino
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict:
-        network = use_bf16(load_plain_model(self.network, self.model_path, missing_ok=True).to(self.device), self.bf16)
+        network = load_plain_model(self.network, self.model_path, missing_ok=True).to(self.device)
+        network = use_openvino(use_bf16(network, self.bf16), self.openvino)
         if not has_test_slices(self.dataset):
             return {}
         if self.boxes is None:

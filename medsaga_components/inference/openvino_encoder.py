@@ -10,8 +10,9 @@ autocast does; the prompt encoder, the mask decoder and every consumer of image 
 
 The encoder is traced with its current weights and compiled at its first call, after a bundle's
 ``CheckpointLoader`` has filled it, and again whenever its weights change (each parameter's
-in-place version counter is part of the fingerprint). A call that needs gradients runs the
-forward it replaced, so training never sees it. Precision follows the bundle's ``bf16`` key:
+in-place version counter is part of the fingerprint). A call in training mode or one that
+needs gradients runs the forward it replaced: training steps never see it, while a training
+run's validations and test evaluation (eval mode, no gradients) use it. Precision follows the bundle's ``bf16`` key:
 float32 unless the bf16 autocast was installed (``use_bf16``), which this patch then sits on
 (its fallback) and which comes back when it is removed. OpenVINO's own default on CPUs with
 bf16 is bf16, so float32 is asked for explicitly.
@@ -91,7 +92,7 @@ class OpenVinoEncoder(ForwardPatch):
         with torch.no_grad(), warnings.catch_warnings():
             # torch deprecates TorchScript in favour of torch.export; OpenVINO's front end still reads the trace
             warnings.simplefilter("ignore", DeprecationWarning)
-            traced = torch.jit.trace(_ClassForward(self.module).eval(), images[:1].float().cpu(), check_trace=False)
+            traced = torch.jit.trace(_ClassForward(self.module), images[:1].float().cpu(), check_trace=False)
         frontend = FrontEndManager().load_by_framework("pytorch")
         decoder = TorchScriptPythonDecoder(traced)  # held until converted: the front end keeps only a pointer
         model = frontend.convert(frontend.load(decoder))
@@ -107,7 +108,8 @@ class OpenVinoEncoder(ForwardPatch):
     def __call__(self, images: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (images.requires_grad or any(
             p.requires_grad for p in self.module.parameters()))
-        if needs_grad or args or kwargs or images.device.type != "cpu":
+        # a training-mode forward (batch statistics) or one that needs gradients stays in PyTorch
+        if self.module.training or needs_grad or args or kwargs or images.device.type != "cpu":
             return self.original_forward()(images, *args, **kwargs)
         with self._lock:
             if self._compiled is None or self._fingerprint != _weights_fingerprint(self.module):
