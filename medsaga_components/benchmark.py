@@ -11,7 +11,7 @@ methods that do not use it) so that the import baselines are equal.
 
 Method names: a registry method (``full``, ``medsaga``, ``samed``, ``ssam``, ``cheap_lunch``,
 ``mcp_medsam``), optionally with memory switches (``training.memory.MemoryConfig``):
-``<method>_efficient`` turns every switch on; ``+ckpt``, ``+layerwise``, ``+nograd`` turn on one
+``<method>_efficient`` turns every switch on; ``+ckpt``, ``+layerwise``, ``+nograd``, ``+chunks`` turn on one
 each (``medsaga+ckpt+layerwise``). ``+bf16`` runs the image encoder under bf16 autocast
 (``precision.py``, forced on, as the bundles' ``bf16`` key does where the device has native bf16).
 Plain names run the plain mode (no checkpointing, standard optimiser step, float32): ``samed``
@@ -103,7 +103,8 @@ CPU_ALLOCATOR_NOTES = {
             "(`keep_freed_cpu_memory`): every tensor comes from the heap and freed memory stays there for reuse, "
             "so peak RSS is the heap's high-water mark",
 }
-SWITCHES = {"ckpt": "activation_checkpointing", "layerwise": "layerwise_steps", "nograd": "frozen_without_grad"}
+SWITCHES = {"ckpt": "activation_checkpointing", "layerwise": "layerwise_steps", "nograd": "frozen_without_grad",
+            "chunks": "chunked_attention"}
 BF16_SWITCH = "bf16"
 EFFICIENT_SUFFIX = "_efficient"
 DATA_NOTE = "random images (uniform in [0, 1]) and random labels in {0..N} from a fixed seed"

@@ -6,6 +6,7 @@ used by ``run inference`` (training's validations: tests/test_bundles.py).
 OpenVINO is installed by scripts/setup_env.sh (the ``openvino`` extra); these tests fail, not
 skip, where it is missing."""
 
+import copy
 import json
 
 import nibabel as nib
@@ -78,6 +79,20 @@ def test_compiled_from_the_weights_it_has_when_called_and_again_when_they_change
         network.load_state_dict(_tiny_network(2).state_dict())
         torch.testing.assert_close(network(images), _tiny_network(2)(images), atol=1e-3, rtol=1e-3)
     assert _encoder_patch(network).compilations == 2
+
+
+def test_a_copy_of_the_network_compiles_its_own(one_torch_thread):
+    network = use_openvino(_tiny_network(0), True)
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        network(images)
+        duplicate = copy.deepcopy(network)  # what saving the best model does during training
+        duplicate.backbone.image_encoder.neck[0].weight.mul_(0.5)
+        embedded = network.backbone.embed_images(images)
+        torch.testing.assert_close(embedded, _tiny_network(0).backbone.embed_images(images), atol=1e-3, rtol=1e-3)
+        assert not torch.allclose(duplicate.backbone.embed_images(images), embedded, atol=1e-3)
+    assert _encoder_patch(duplicate).module is duplicate.backbone.image_encoder
+    assert _encoder_patch(duplicate).compilations == 2 and _encoder_patch(network).compilations == 1
 
 
 def test_a_pass_that_needs_gradients_or_runs_in_training_mode_runs_pytorch(one_torch_thread):

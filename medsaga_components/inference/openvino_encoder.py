@@ -84,6 +84,13 @@ class OpenVinoEncoder(ForwardPatch):
         self._lock = threading.Lock()  # MONAI Label answers requests on several threads
         self.compilations = 0
 
+    def __getstate__(self) -> dict:
+        # a copy (copy.deepcopy of the network, as training's model saving does) compiles afresh
+        return {k: v for k, v in self.__dict__.items() if k not in ("_compiled", "_fingerprint", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _compiled=None, _fingerprint=None, _lock=threading.Lock())
+
     def _compile(self, images: torch.Tensor) -> None:
         import openvino as ov
         from openvino.frontend import FrontEndManager

@@ -20,6 +20,9 @@ weight. This mode removes those, each part behind its own switch in :class:`Memo
   A frozen TinyViT MBConv block then also runs its 4x-expanded hidden channels in groups
   (:func:`mbconv_forward_in_channel_groups`): at 256 px, batch 4, its whole expanded
   activations were the largest transient of the step (about 0.9 GB).
+* ``chunked_attention``: SAM ViT's global-attention blocks compute their attention a few query
+  rows at a time, each chunk checkpointed, so their N x N matrices never exist whole
+  (``training/chunked_attention.py``); TinyViT's windowed attention has none to split.
 
 The training is numerically the plain mode's (tests/test_memory_efficient.py checks loss
 curves, parameters and batch-norm statistics): checkpointing recomputes the same values
@@ -54,6 +57,7 @@ from medsaga_components.backbones.tiny_vit import MBConv, TinyViTEncoder
 from medsaga_components.config_values import as_bool
 from medsaga_components.forward_patch import ForwardPatch
 from medsaga_components.optimizers.layerwise import LayerwiseOptimizer
+from medsaga_components.training.chunked_attention import set_chunked_attention
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +72,13 @@ class MemoryConfig:
             (:class:`LayerwiseOptimizer`); incompatible with gradient accumulation, gradient
             clipping and multi-process data parallel training.
         frozen_without_grad: frozen leading encoder segments run without autograd.
+        chunked_attention: SAM ViT's global attention in checkpointed chunks of query rows.
     """
 
     activation_checkpointing: bool = True
     layerwise_steps: bool = True
     frozen_without_grad: bool = True
+    chunked_attention: bool = True
 
     @classmethod
     def off(cls) -> MemoryConfig:
@@ -303,6 +309,7 @@ def enable_memory_efficient_training(network: nn.Module, optimizer: torch.optim.
     check_optimizer_holds_trainable(network, optimizer)
     set_segment_forwards(network.get_submodule(encoder_name), config.activation_checkpointing,
                          config.frozen_without_grad)
+    set_chunked_attention(network.get_submodule(encoder_name), config.chunked_attention)
     if hasattr(network, "checkpoint_box_passes"):  # SamSegmenter's decoder passes, one per box of a class
         network.checkpoint_box_passes = config.activation_checkpointing
     if config.layerwise_steps and not isinstance(optimizer, LayerwiseOptimizer):
@@ -319,6 +326,7 @@ def disable_memory_efficient_training(network: nn.Module, optimizer: torch.optim
     Frozen parameters stay frozen: ``requires_grad`` is the method's business.
     """
     set_segment_forwards(network.get_submodule(encoder_name), checkpointed=False, no_grad_when_frozen=False)
+    set_chunked_attention(network.get_submodule(encoder_name), False)
     if hasattr(network, "checkpoint_box_passes"):
         network.checkpoint_box_passes = False
     if isinstance(optimizer, LayerwiseOptimizer):
