@@ -117,6 +117,8 @@ class OpenVinoEncoder(ForwardPatch):
             p.requires_grad for p in self.module.parameters()))
         # a training-mode forward (batch statistics) or one that needs gradients stays in PyTorch
         if self.module.training or needs_grad or args or kwargs or images.device.type != "cpu":
+            if self.module.training:  # a training step will change the weights: free the compiled model now
+                self._compiled = None
             return self.original_forward()(images, *args, **kwargs)
         with self._lock:
             if self._compiled is None or self._fingerprint != _weights_fingerprint(self.module):
