@@ -1,5 +1,5 @@
-"""SAM ViT's global attention in checkpointed chunks of query rows: the same outputs and gradients
-as segment-anything's own ``Attention``, far less kept for backward, and only on global blocks.
+"""SAM ViT's attention in checkpointed chunks of query rows: the same outputs and gradients as
+segment-anything's own ``Attention``, far less kept for backward, on every ViT block.
 (Training with it, inside the block checkpoints, is checked against the plain mode in
 tests/test_memory_efficient.py.)"""
 
@@ -9,8 +9,8 @@ import torch
 from medsaga_components.backbones import build_backbone
 from medsaga_components.training.chunked_attention import (
     RowChunkedAttention,
-    global_attention_modules,
     set_chunked_attention,
+    vit_attention_modules,
 )
 from segment_anything.modeling.image_encoder import Attention  # noqa: E402 (after medsaga registered the package)
 
@@ -63,14 +63,13 @@ def test_keeps_far_less_for_backward():
     assert x.grad is not None
 
 
-def test_only_global_blocks_get_it_and_it_comes_off_again():
+def test_every_vit_block_gets_it_once_and_it_comes_off_again():
     encoder = build_backbone("vit_tiny", checkpoint=None, image_size=64).image_encoder
-    (global_attention,) = global_attention_modules(encoder)  # vit_tiny: block 1 of 2 is global
-    assert global_attention is encoder.blocks[1].attn
+    attentions = vit_attention_modules(encoder)  # vit_tiny: block 0 windowed, block 1 global
+    assert attentions == [encoder.blocks[0].attn, encoder.blocks[1].attn]
     set_chunked_attention(encoder, True)
     set_chunked_attention(encoder, True)  # twice: still one patch
-    assert RowChunkedAttention.installed_on(global_attention) and global_attention.forward.previous is None
-    assert "forward" not in encoder.blocks[0].attn.__dict__
+    assert all(RowChunkedAttention.installed_on(a) and a.forward.previous is None for a in attentions)
     set_chunked_attention(encoder, False)
-    assert "forward" not in global_attention.__dict__
-    assert global_attention_modules(build_backbone("lite_medsam_tiny", checkpoint=None, image_size=64).image_encoder) == []
+    assert all("forward" not in a.__dict__ for a in attentions)
+    assert vit_attention_modules(build_backbone("lite_medsam_tiny", checkpoint=None, image_size=64).image_encoder) == []

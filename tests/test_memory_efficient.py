@@ -81,8 +81,8 @@ def _assert_same_training(reference, other):
 @pytest.mark.parametrize("backbone", ["vit_tiny", "lite_medsam_tiny"])
 @pytest.mark.parametrize("method", ["medsaga", "full"])
 def test_every_switch_trains_exactly_like_the_plain_mode(backbone, method):
-    """Checkpointing alone, per-layer steps alone, chunked attention alone (vit_tiny's global
-    block) and all switches: same losses, same parameters, same batch-norm statistics (the
+    """Checkpointing alone, per-layer steps alone, chunked attention alone (vit_tiny's
+    attention) and all switches: same losses, same parameters, same batch-norm statistics (the
     recomputation must not update them twice)."""
     plain = _train(method, backbone, MemoryConfig.off())
     for config in (ONLY["activation_checkpointing"], ONLY["layerwise_steps"], ONLY["chunked_attention"], MemoryConfig()):

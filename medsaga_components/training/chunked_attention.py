@@ -1,10 +1,12 @@
-"""SAM ViT's global attention a few query rows at a time, so that its N x N matrices never exist whole.
+"""SAM ViT's attention a few query rows at a time, so that its N x N matrices never exist whole.
 
 segment-anything's ``Attention`` computes ``softmax(q k^T * scale + relative-position bias) v`` with
 explicit ``[B * heads, N, N]`` tensors: at 512 px (N = 1,024 tokens, 12 heads) 48 MiB per image for
 each of the logits, the biased logits and the softmax, and the softmax backward needs two more of
 that size. Activation checkpointing recomputes a block one at a time, but inside a global-attention
-block these matrices are the step's largest transient (docs/memory_and_speed.md, SAM ViT-B). Here
+block these matrices are the step's largest transient (docs/memory_and_speed.md, SAM ViT-B), and
+in a windowed block (14 x 14 tokens per window, every window at once) they are about half of
+what the block keeps. Here
 the queries are split into chunks of whole token rows; each chunk's attention is its own
 checkpoint (non-reentrant, so it nests inside the block's), so forward, recomputation and backward
 hold one chunk's ``[B * heads, rows * W, N]`` matrices at a time. The result is the same
@@ -12,7 +14,8 @@ computation, summed in the same order per query; only where the work is split ch
 
 The relative-position bias is segment-anything's decomposed one (MViTv2): for the query at
 ``(h, w)`` and the key at ``(h', w')`` it adds ``q . Rh[h, h'] + q . Rw[w, w']``, computed here for
-the chunk's query rows only. Windowed blocks (14 x 14 tokens per window) are left as they are.
+the chunk's query rows only. A windowed block's attention sees a batch of windows, each a small
+token grid, and is split the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from medsaga_components._segment_anything import ImageEncoderViT
 from medsaga_components.forward_patch import ForwardPatch
 from segment_anything.modeling.image_encoder import get_rel_pos  # importable once _segment_anything has run
 
-CHUNKS = 8  # at 512 px: 4 query rows of 32 per chunk, 6 MiB per [heads, rows x W, N] matrix and image
+CHUNKS = 8  # at 512 px: 4 query rows of 32 per chunk in a global block (6 MiB per [heads, rows x W, N]
+# matrix and image), 2 rows of 14 in a window
 
 
 def attend_query_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor | None,
@@ -60,7 +64,7 @@ class RowChunkedAttention(ForwardPatch):
     (nothing to store then).
 
     Args:
-        module: the ``Attention`` of a global-attention block.
+        module: a SAM ViT block's ``Attention`` (global, or over a batch of windows).
         chunks: how many chunks the ``H`` query rows are split into (fewer when ``H`` is smaller).
     """
 
@@ -86,19 +90,19 @@ class RowChunkedAttention(ForwardPatch):
         return a.proj(out.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1))
 
 
-def global_attention_modules(encoder: nn.Module) -> list[nn.Module]:
-    """The ``Attention`` of every global-attention block of a SAM ViT encoder (none for other encoders)."""
+def vit_attention_modules(encoder: nn.Module) -> list[nn.Module]:
+    """The ``Attention`` of every block of a SAM ViT encoder (none for other encoders)."""
     if not isinstance(encoder, ImageEncoderViT):
         return []
-    return [block.attn for block in encoder.blocks if block.window_size == 0]
+    return [block.attn for block in encoder.blocks]
 
 
 def set_chunked_attention(encoder: nn.Module, on: bool, chunks: int = CHUNKS) -> None:
-    """Install (``on``) or remove :class:`RowChunkedAttention` on ``encoder``'s global attention."""
-    for attention in global_attention_modules(encoder):
+    """Install (``on``) or remove :class:`RowChunkedAttention` on every attention of a SAM ViT ``encoder``."""
+    for attention in vit_attention_modules(encoder):
         RowChunkedAttention.remove(attention)
         if on:
             RowChunkedAttention(attention, chunks).install()
 
 
-__all__ = ["CHUNKS", "RowChunkedAttention", "attend_query_rows", "global_attention_modules", "set_chunked_attention"]
+__all__ = ["CHUNKS", "RowChunkedAttention", "attend_query_rows", "set_chunked_attention", "vit_attention_modules"]

@@ -20,9 +20,9 @@ weight. This mode removes those, each part behind its own switch in :class:`Memo
   A frozen TinyViT MBConv block then also runs its 4x-expanded hidden channels in groups
   (:func:`mbconv_forward_in_channel_groups`): at 256 px, batch 4, its whole expanded
   activations were the largest transient of the step (about 0.9 GB).
-* ``chunked_attention``: SAM ViT's global-attention blocks compute their attention a few query
-  rows at a time, each chunk checkpointed, so their N x N matrices never exist whole
-  (``training/chunked_attention.py``); TinyViT's windowed attention has none to split.
+* ``chunked_attention``: SAM ViT's blocks compute their attention a few query rows at a time,
+  each chunk checkpointed, so the N x N matrices never exist whole
+  (``training/chunked_attention.py``); TinyViT's small windows are left as they are.
 
 The training is numerically the plain mode's (tests/test_memory_efficient.py checks loss
 curves, parameters and batch-norm statistics): checkpointing recomputes the same values
@@ -72,7 +72,7 @@ class MemoryConfig:
             (:class:`LayerwiseOptimizer`); incompatible with gradient accumulation, gradient
             clipping and multi-process data parallel training.
         frozen_without_grad: frozen leading encoder segments run without autograd.
-        chunked_attention: SAM ViT's global attention in checkpointed chunks of query rows.
+        chunked_attention: SAM ViT's attention in checkpointed chunks of query rows.
     """
 
     activation_checkpointing: bool = True
