@@ -1,7 +1,7 @@
 """The image encoder run by OpenVINO: the same answer as PyTorch on real weights and a real slice,
 compiled from the weights it has when first called (and again when they change), never in a
 pass that needs gradients or in training mode, switched by the bundles' ``openvino`` key, and
-used by ``run inference`` (training's validations: tests/test_bundles.py).
+used by ``run inference`` and, when asked, by training's validations and test evaluation.
 
 OpenVINO is installed by scripts/setup_env.sh (the ``openvino`` extra); these tests fail, not
 skip, where it is missing."""
@@ -15,7 +15,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from bundle_runs import REPO
+from bundle_runs import REPO, TINY_TRAINING, configs, run_bundle
 from data_synthetic import write_dataset
 from medsaga_components import SamSegmenter
 from medsaga_components.backbones import build_backbone
@@ -152,3 +152,16 @@ def test_run_inference_uses_it_by_default_with_the_label_map_of_pytorch(tmp_path
     assert label_maps["auto"].shape == (40, 32, 24) and len(np.unique(label_maps[False])) > 1
     assert (label_maps["auto"] == label_maps[False]).mean() > 0.999
     assert json.loads((folder / "inference.json").read_text())["openvino"] == "auto"
+
+
+def test_training_with_it_validates_and_evaluates_through_it(demo_dir, tmp_path):
+    """Off by default in train.json (it raised a training run's peak RSS); ``--openvino true`` turns it on
+    for the validations and the test evaluation, while the steps stay in PyTorch."""
+    assert json.loads((REPO / "bundles" / "medsaga" / "configs" / "train.json").read_text())["openvino"] is False
+    done = run_bundle("training", configs("medsaga", "train"), "--bundle_root", str(tmp_path), "--dataset_dir",
+                      str(demo_dir), *TINY_TRAINING, "--openvino", "true")
+    log = done.stdout + done.stderr
+    assert "image encoder runtime: OpenVINO float32 (openvino=true)" in log
+    assert log.count("image encoder compiled by OpenVINO") >= 3  # two validations and the test evaluation
+    assert "val_mean_dice" in log and (tmp_path / "models" / "model.pt").is_file()
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["volumes"]
