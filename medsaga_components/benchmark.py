@@ -11,8 +11,8 @@ methods that do not use it) so that the import baselines are equal.
 
 Method names: a registry method (``full``, ``medsaga``, ``samed``, ``ssam``, ``cheap_lunch``,
 ``mcp_medsam``), optionally with memory switches (``training.memory.MemoryConfig``):
-``<method>_efficient`` turns every switch on; ``+ckpt``, ``+layerwise``, ``+nograd``, ``+chunks`` turn on one
-each (``medsaga+ckpt+layerwise``). ``+bf16`` runs the image encoder under bf16 autocast
+``<method>_efficient`` turns every switch on; ``+ckpt``, ``+layerwise``, ``+nograd``, ``+chunks`` turn on
+one each (``medsaga+ckpt+layerwise``). ``+bf16`` runs the image encoder under bf16 autocast
 (``precision.py``, forced on, as the bundles' ``bf16`` key does where the device has native bf16).
 Plain names run the plain mode (no checkpointing, standard optimiser step, float32): ``samed``
 is SAMed's reference configuration.

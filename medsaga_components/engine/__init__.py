@@ -30,6 +30,7 @@ __all__ = [
     "TwoPassPointSegmenter", "ZoomInferer", "check_model_file", "dataset_modality",
     "enable_memory_efficient_training", "evaluation_points",
     "experiment_dataset", "handlers_for_this_process", "find_bundle_root", "keep_freed_cpu_memory", "list_volumes",
-    "prediction_saver", "prepare_training", "register_atomic_nifti_writer", "served_labels", "use_bf16", "use_openvino", "VolumePrompts",
+    "prediction_saver", "prepare_training", "register_atomic_nifti_writer", "served_labels", "use_bf16", "use_openvino",
+    "VolumePrompts",
     "BoxRequestsFromLabels", "validation_volumes",
 ]

@@ -234,15 +234,17 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
                            jitter: float = 0.05,
                            seed: int = 0, backbone: str = "lite_medsam", image_size: int = 256,
                            per_structure: bool = True, threads: int | None = None, bf16: str | bool = False,
-                           openvino: str | bool = False, dataset_dir: str | None = None, split: str = "test", guide: str = "self") -> dict:
+                           openvino: str | bool = False, dataset_dir: str | None = None, split: str = "test",
+                           guide: str = "self") -> dict:
     """``medsaga prompt-sources``: every prompt source side by side on a demo task's test slab.
 
     ``model``: ``zero_shot`` (pretrained LiteMedSAM asked with boxes) or the ``models/model.pt`` of a
     bundle trained in box mode (``configs/boxes.json``; ``per_structure``: its box-free first pass boxes
     each structure, as a model trained with ``--box_per_structure true``). ``bf16``: as the bundles'
     key (``precision.py``); ``openvino``: as theirs too (``inference/openvino_encoder.py``; off here by
-    default, so that seconds compare with the recorded runs). ``guide``: what propagates the prompts, ``self`` or ``pretrained``
-    (``inference.volume.guide_network``; the bundles' ``propagation_guide``). Writes
+    default, so that seconds compare with the recorded runs). ``guide``: what propagates the
+    prompts, ``self`` or ``pretrained`` (``inference.volume.guide_network``; the bundles'
+    ``propagation_guide``). Writes
     ``out/prompt_sources.json`` and ``.md``.
 
     ``dataset_dir``: score the labelled ``test`` volumes of that dataset.json instead, every slice
@@ -287,8 +289,8 @@ def prompt_sources_command(task: str = "small_structures", model: str = "zero_sh
                                                    spacing, jitter, seed, guide=guide_net)
     results = per_volume[next(iter(per_volume))] if len(per_volume) == 1 else average_results(per_volume)
     guided = "" if guide_net is None else ", propagated by pretrained LiteMedSAM (each slice encoded by both models)"
-    note = (f"{note}, model {model} (image encoder: {encoder_runtime(network)}){guided}; 3-D boxes jittered by up to {jitter:.0%} of each "
-            f"side's extent (seed {seed}).")
+    note = (f"{note}, model {model} (image encoder: {encoder_runtime(network)}){guided}; 3-D boxes jittered by up "
+            f"to {jitter:.0%} of each side's extent (seed {seed}).")
     out_dir = Path(out)
     write_json_atomic(out_dir / "prompt_sources.json", {"task": dataset_dir or task, "model": model, "guide": guide,
                                                         "labelled": labelled, "results": results,

@@ -27,9 +27,9 @@ from medsaga_components.data import SliceDataset
 from medsaga_components.evaluation.pipeline import evaluate_slice_dataset
 from medsaga_components.inference.flips import with_test_time_flips
 from medsaga_components.inference.model import load_plain_model
+from medsaga_components.inference.openvino_encoder import use_openvino
 from medsaga_components.inference.two_pass import TwoPassInferer, unwrapped
 from medsaga_components.inference.zoom import with_zoom, zoom_setting
-from medsaga_components.inference.openvino_encoder import use_openvino
 from medsaga_components.precision import use_bf16
 from medsaga_components.prompts.box_batches import McpPrepareBatch, whole_image_boxes
 
@@ -158,8 +158,8 @@ class EvaluateOnTestVolumes:
     on the held-out test volumes, with :func:`evaluate_box_prompted` when ``boxes`` is given (a
     box-prompted method: one of :data:`TEST_BOXES`), else :func:`evaluate_test_volumes`
     (``test_time_flips``, ``prompts``, ``zoom``). ``bf16`` and ``openvino``: the bundle keys
-    (``precision.py``, ``inference/openvino_encoder.py``), applied to the loaded copy. Report, predictions and overlays go to ``output_dir``; calling it
-    returns the summary (``run evaluating``)."""
+    (``precision.py``, ``inference/openvino_encoder.py``), applied to the loaded copy. Report,
+    predictions and overlays go to ``output_dir``; calling it returns the summary (``run evaluating``)."""
 
     def __init__(self, network: nn.Module, model_path: str | Path, dataset: SliceDataset, output_dir: str | Path,
                  device: str | torch.device = "cpu", batch_size: int = 4, test_time_flips: bool = False,

@@ -161,9 +161,10 @@ def _labels_from_scores(scores: Sequence[np.ndarray]) -> np.ndarray:
 def guide_network(guide: str | None, network: nn.Module) -> nn.Module | None:
     """The network that propagates a request for ``network`` (``PROPAGATION_GUIDES``): None for
     ``"self"`` (``network`` propagates its own predictions), or for ``"pretrained"`` zero-shot
-    LiteMedSAM asked with boxes, on ``network``'s device, precision and encoder runtime. A fine-tuned model tends to
-    fill whatever box it is given, so its own boxes do not shrink where a structure ends; the
-    pretrained model then says where the structure is, slice by slice, and ``network`` segments it."""
+    LiteMedSAM asked with boxes, on ``network``'s device, precision and encoder runtime. A
+    fine-tuned model tends to fill whatever box it is given, so its own boxes do not shrink where a
+    structure ends; the pretrained model then says where the structure is, slice by slice, and
+    ``network`` segments it."""
     if guide in (None, "self"):
         return None
     if guide != "pretrained":

@@ -6,10 +6,9 @@ each of the logits, the biased logits and the softmax, and the softmax backward 
 that size. Activation checkpointing recomputes a block one at a time, but inside a global-attention
 block these matrices are the step's largest transient (docs/memory_and_speed.md, SAM ViT-B), and
 in a windowed block (14 x 14 tokens per window, every window at once) they are about half of
-what the block keeps. Here
-the queries are split into chunks of whole token rows; each chunk's attention is its own
-checkpoint (non-reentrant, so it nests inside the block's), so forward, recomputation and backward
-hold one chunk's ``[B * heads, rows * W, N]`` matrices at a time. The result is the same
+what the block keeps. Here the queries are split into chunks of whole token rows; each chunk's
+attention is its own checkpoint (non-reentrant, so it nests inside the block's), so forward,
+recomputation and backward hold one chunk's ``[B * heads, rows * W, N]`` matrices at a time. The result is the same
 computation, summed in the same order per query; only where the work is split changes.
 
 The relative-position bias is segment-anything's decomposed one (MViTv2): for the query at
