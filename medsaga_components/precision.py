@@ -59,9 +59,14 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+def is_auto(setting: Any) -> bool:
+    """Whether a bundle switch (``bf16``, ``openvino``) is ``"auto"`` (or None): decided by the device."""
+    return setting is None or (isinstance(setting, str) and setting.strip().lower() == AUTO)
+
+
 def resolve_bf16(setting: Any, device: torch.device | str) -> bool:
     """The bundle key ``bf16`` (``"auto"``/None, true/false or their strings) for ``device``."""
-    if setting is None or (isinstance(setting, str) and setting.strip().lower() == AUTO):
+    if is_auto(setting):
         return native_bf16(device)
     return as_bool(setting, "bf16 (expected auto, true or false)")
 
@@ -102,4 +107,4 @@ def uses_bf16(network: nn.Module, encoder_name: str = "backbone.image_encoder") 
     return EncoderAutocast.installed_on(image_encoder_of(network, encoder_name))
 
 
-__all__ = ["AUTO", "EncoderAutocast", "cpu_bf16_instructions", "native_bf16", "resolve_bf16", "use_bf16", "uses_bf16"]
+__all__ = ["AUTO", "EncoderAutocast", "cpu_bf16_instructions", "is_auto", "native_bf16", "resolve_bf16", "use_bf16", "uses_bf16"]

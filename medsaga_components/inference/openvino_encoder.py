@@ -40,7 +40,7 @@ from torch import nn
 
 from medsaga_components.config_values import as_bool
 from medsaga_components.forward_patch import ForwardPatch
-from medsaga_components.precision import AUTO, EncoderAutocast, image_encoder_of
+from medsaga_components.precision import AUTO, EncoderAutocast, image_encoder_of, is_auto, use_bf16, uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class OpenVinoEncoder(ForwardPatch):
 def resolve_openvino(setting: Any, device: torch.device | str) -> bool:
     """The bundle key ``openvino`` (``"auto"``/None, true/false or their strings) for ``device``."""
     on_cpu = torch.device(device).type == "cpu"
-    if setting is None or (isinstance(setting, str) and setting.strip().lower() == AUTO):
+    if is_auto(setting):
         return on_cpu and openvino_available()
     if not as_bool(setting, "openvino (expected auto, true or false)"):
         return False
@@ -157,16 +157,18 @@ def use_openvino(network: nn.Module, setting: Any = AUTO, encoder_name: str = "b
     return network
 
 
+def _openvino_patch(network: nn.Module, encoder_name: str = "backbone.image_encoder") -> OpenVinoEncoder | None:
+    patch = image_encoder_of(network, encoder_name).__dict__.get("forward")
+    return patch if isinstance(patch, OpenVinoEncoder) else None
+
+
 def uses_openvino(network: nn.Module, encoder_name: str = "backbone.image_encoder") -> bool:
-    return OpenVinoEncoder.installed_on(image_encoder_of(network, encoder_name))
+    return _openvino_patch(network, encoder_name) is not None
 
 
 def encoder_runtime(network: nn.Module, encoder_name: str = "backbone.image_encoder") -> str:
     """What runs ``network``'s image encoder, in words: PyTorch or OpenVINO, float32 or bf16."""
-    from medsaga_components.precision import uses_bf16
-
-    patch = image_encoder_of(network, encoder_name).__dict__.get("forward")
-    if isinstance(patch, OpenVinoEncoder):
+    if (patch := _openvino_patch(network, encoder_name)) is not None:
         return f"OpenVINO {'bf16' if patch.bf16 else 'float32'}"
     return f"PyTorch {'bf16 autocast' if uses_bf16(network, encoder_name) else 'float32'}"
 
@@ -174,10 +176,7 @@ def encoder_runtime(network: nn.Module, encoder_name: str = "backbone.image_enco
 def same_encoder_runtime(network: nn.Module, like: nn.Module) -> nn.Module:
     """Give ``network``'s image encoder the runtime and precision of ``like``'s (PyTorch or OpenVINO,
     float32 or bf16), e.g. a propagation guide built beside a served model. Returns ``network``."""
-    from medsaga_components.precision import use_bf16, uses_bf16
-
-    patch = image_encoder_of(like).__dict__.get("forward")
-    if isinstance(patch, OpenVinoEncoder):
+    if (patch := _openvino_patch(like)) is not None:
         OpenVinoEncoder(image_encoder_of(network), bf16=patch.bf16, threads=patch.threads).install()
         return network
     return use_bf16(network, uses_bf16(like))

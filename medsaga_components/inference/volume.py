@@ -40,6 +40,7 @@ from medsaga_components.inference.propagation import (
     propagate_labelled,
     propagate_structure,
 )
+from medsaga_components.inference.openvino_encoder import same_encoder_runtime
 from medsaga_components.inference.prompted import in_plane_axes, label_value, prompt_tensors
 from medsaga_components.inference.two_pass import unwrapped
 from medsaga_components.network import SamSegmenter
@@ -169,8 +170,6 @@ def guide_network(guide: str | None, network: nn.Module) -> nn.Module | None:
         return None
     if guide != "pretrained":
         raise ValueError(f"propagation_guide is {guide!r}; expected one of {PROPAGATION_GUIDES}")
-    from medsaga_components.inference.openvino_encoder import same_encoder_runtime
-
     module = unwrapped(network)
     zero_shot = SamSegmenter("lite_medsam", module.num_classes, checkpoint="pretrained", prompt="boxes")
     zero_shot = zero_shot.to(next(module.parameters()).device).eval()
