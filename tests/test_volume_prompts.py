@@ -171,6 +171,31 @@ def test_prompt_sources_are_scored_side_by_side_with_the_oracle_labelled(network
     assert "| oracle_slice_boxes (oracle) |" in table and "| box_3d |" in table
 
 
+def test_interpolation_fills_between_labelled_slices_and_never_beyond():
+    from medsaga_components.evaluation.prompt_sources import copy_nearest_labelled, interpolate_labelled
+
+    # a cone along z: its radius grows from 3 on slice 2 to 13 on slice 12; a second class only on slice 12
+    xx, yy = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
+    label = np.zeros((40, 40, 16), np.int64)
+    for k in range(2, 13):
+        label[..., k][(xx - 20) ** 2 + (yy - 20) ** 2 <= (k + 1) ** 2] = 1
+    label[2:6, 2:6, 12] = 2
+    filled = interpolate_labelled(label, 2, [2, 12])
+    assert np.array_equal(filled[..., [2, 12]], label[..., [2, 12]]), "the labelled slices stay as drawn"
+    assert (filled[..., list(range(0, 2)) + list(range(13, 16))] == 0).all(), "nothing beyond the labelled slices"
+    assert not (filled[..., :12] == 2).any(), "a class on one labelled slice is not extrapolated"
+    middle = range(4, 11)
+    areas = [(filled[..., k] == 1).sum() for k in middle]
+    assert all(a < b for a, b in zip(areas, areas[1:])), f"the cross-sections grow slice by slice: {areas}"
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    copied = copy_nearest_labelled(label, 2, [2, 12], list(middle))
+    truth = label[..., list(middle)] == 1
+    assert dice(filled[..., list(middle)] == 1, truth) > dice(copied[..., list(middle)] == 1, truth) + 0.05
+
+
 def test_prompt_sources_average_test_patients_per_source():
     from medsaga_components.evaluation.prompt_sources import average_results
 
