@@ -15,8 +15,9 @@ resident set above the one after the imports):
 * ``activations``: what one image's training forward keeps for backward, counted on the meta
   device (shapes only, any image size in a fraction of a second, :func:`activation_bytes_per_image`).
   Plain mode: every saved tensor. Memory-efficient mode: the inputs of the checkpointed encoder
-  segments, the largest segment's activations (recomputed one at a time) and everything saved
-  outside the encoder.
+  segments, the largest segment's activations (recomputed one at a time; in a SAM ViT block with
+  its attention in checkpointed chunks of query rows, the queries, keys and values plus one
+  chunk's attention, :func:`chunked_attention_bytes`) and everything saved outside the encoder.
 * ``k`` and ``c`` per mode: fitted by least squares on peaks measured in fresh processes
   (``medsaga plan-fit``), so that what the count leaves out (the forward's temporaries,
   allocator slack) is carried by measurement, not guessed. The fit shipped with the package is
@@ -43,7 +44,9 @@ from medsaga_components.benchmark import (CPU_ALLOCATORS, method_list, run_worke
                                           static_memory_bytes, storage_key, synthetic_training_batch)
 from medsaga_components.io.atomic import write_json_atomic, write_text_atomic
 from medsaga_components.methods import METHODS, build_network, build_optimizer
-from medsaga_components.training.memory import encoder_segments, set_segment_forwards
+from medsaga_components.training.chunked_attention import (CHUNKS, RowChunkedAttention, attend_query_rows,
+                                                          vit_attention_modules)
+from medsaga_components.training.memory import MemoryConfig, encoder_segments, set_segment_forwards
 
 MODES = ("plain", "memory_efficient")
 MODEL_PATH = Path(__file__).with_name("memory_model.json")
@@ -102,6 +105,37 @@ class _EncoderOnly(nn.Module):
         return self.backbone.embed_images(images)
 
 
+def chunked_attention_bytes(attention: nn.Module, x_shape: Sequence[int], chunks: int = CHUNKS,
+                            dtype: torch.dtype = torch.float32) -> int:
+    """What a SAM ViT ``Attention`` in checkpointed row chunks (``RowChunkedAttention``) holds in a
+    block's recomputation beyond what the block saves outside its chunks: the queries, keys and
+    values that every chunk reads, and the saved tensors of one chunk (recomputed one at a time).
+
+    ``x_shape``: the attention's input, ``[B, H, W, dim]`` (B counts windows in a windowed block),
+    of ``dtype``. Counted on the meta device.
+    """
+    batch, height, width, dim = (int(n) for n in x_shape)
+    heads = attention.num_heads
+    rows = -(-height // min(chunks, height))
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device="meta", requires_grad=True)
+
+    q = meta(batch * heads, rows * width, dim // heads)
+    k, v = meta(batch * heads, height * width, dim // heads), meta(batch * heads, height * width, dim // heads)
+    rel = [meta(rows, height, dim // heads), meta(width, width, dim // heads)] if attention.use_rel_pos else [None, None]
+    inputs = {storage_key(t) for t in (q, k, v, *rel) if t is not None}
+    chunk: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if storage_key(t) not in inputs:
+            chunk[storage_key(t)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attend_query_rows(q, k, v, *rel, attention.scale, height, width)
+    return 3 * batch * height * width * dim * q.element_size() + sum(chunk.values())
+
+
 def _encoder_activations(network: nn.Module, memory_efficient: bool) -> tuple[dict[str, int], int, torch.Size]:
     """On a meta copy of the encoder: saved bytes per segment, bytes of the segment inputs that
     need a gradient (what checkpointing keeps), and the embedding's shape, for one image."""
@@ -110,14 +144,24 @@ def _encoder_activations(network: nn.Module, memory_efficient: bool) -> tuple[di
     # frozen leading segments run without autograd in the memory-efficient mode; nothing is
     # checkpointed here, so that each segment's own activations are counted
     set_segment_forwards(encoder, checkpointed=False, no_grad_when_frozen=memory_efficient)
+    chunked = memory_efficient and MemoryConfig().chunked_attention
+    attentions = vit_attention_modules(encoder) if chunked else []
+    for attention in attentions:  # its chunks save nothing in the block: counted one at a time below
+        RowChunkedAttention(attention).install()
     inputs: dict[int, int] = {}
+    attention_inputs: dict[nn.Module, torch.Tensor] = {}
 
     def keep_input(module: nn.Module, args: Any) -> None:
         x = args[0] if args else None
         if torch.is_grad_enabled() and isinstance(x, torch.Tensor):
             inputs[storage_key(x)] = x.untyped_storage().nbytes()
 
+    def keep_attention_input(module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            attention_inputs[module] = args[0]
+
     handles = [s.register_forward_pre_hook(keep_input) for s in encoder_segments(encoder)]
+    handles += [a.register_forward_pre_hook(keep_attention_input) for a in attentions]
     images = torch.zeros(1, 1, network.image_size, network.image_size, device="meta")
     try:
         saved = saved_activation_bytes(encoder_only, images)
@@ -127,6 +171,10 @@ def _encoder_activations(network: nn.Module, memory_efficient: bool) -> tuple[di
         for h in handles:
             h.remove()
     saved.pop(OUTSIDE)  # the pixel normalisation, counted with the rest below
+    for i, block in enumerate(encoder.blocks if attentions else ()):
+        if block.attn in attention_inputs:
+            x = attention_inputs[block.attn]
+            saved[f"backbone.image_encoder.blocks.{i}"] += chunked_attention_bytes(block.attn, x.shape, dtype=x.dtype)
     return saved, sum(inputs.values()), shape
 
 

@@ -42,6 +42,18 @@ def test_the_memory_efficient_mode_needs_less_of_every_term():
     assert plain["static"] == plain["weights"] + plain["gradients"] + plain["optimizer_state"]
 
 
+def test_attention_in_row_chunks_is_counted_one_chunk_at_a_time():
+    from medsaga_components.planner import chunked_attention_bytes  # makes segment_anything importable
+    from segment_anything.modeling.image_encoder import Attention
+
+    attention = Attention(64, num_heads=4, use_rel_pos=True, input_size=(16, 16))
+    qkv = 3 * 2 * 16 * 16 * 64 * 4  # batch 2, float32: read by every chunk
+    whole = chunked_attention_bytes(attention, (2, 16, 16, 64), chunks=1) - qkv
+    eighth = chunked_attention_bytes(attention, (2, 16, 16, 64), chunks=8) - qkv
+    assert whole >= 2 * 4 * 256 * 256 * 4, "at least the softmax of all 256 x 256 pairs (batch 2, 4 heads)"
+    assert whole / 16 < eighth < whole / 4, "one chunk of 2 query rows out of 16"
+
+
 def test_the_fit_recovers_its_coefficients_and_the_largest_batch_is_the_largest_that_fits():
     truth = {"plain": (1.3, 200e6), "memory_efficient": (2.1, 50e6)}
     rows = [{"mode": mode, "static": static, "activations": a, "batch": b,
