@@ -3,13 +3,15 @@ method (the benchmark's synthetic batch), the operators with the most self CPU t
 
     .venv/bin/python scripts/profile_training_step.py --method medsaga --bf16 true --steps 3
 
-Prints each operator's share of the profiled time and the share of the matrix products
+Prints the seconds of each phase of a step (forward, backward, optimiser step; timed without the
+profiler), each operator's share of the profiled time and the share of the matrix products
 (``aten::mm``/``addmm``/``bmm``/convolutions: what the compute floor counts) against the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -43,14 +45,26 @@ def main() -> None:
     images, labels, prompts = synthetic_training_batch(args.method, args.batch, network.image_size, 2, 0,
                                                        torch.device("cpu"))
 
+    phases = {"forward": 0.0, "backward": 0.0, "optimiser step": 0.0}
+
     def step() -> None:
+        start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss_function(network(images, prompts), labels).backward()
+        loss = loss_function(network(images, prompts), labels)
+        forward = time.perf_counter()
+        loss.backward()  # with the memory-efficient mode's per-layer steps, these run inside it
+        backward = time.perf_counter()
         optimizer.step()
+        for name, seconds in zip(phases, (forward - start, backward - forward, time.perf_counter() - backward)):
+            phases[name] += seconds
 
     network.train()
     for _ in range(2):  # warm-up: GaLore's first projections, oneDNN's kernel choices
         step()
+    phases.update(dict.fromkeys(phases, 0.0))
+    for _ in range(args.steps):
+        step()
+    print("  ".join(f"{name} {seconds / args.steps:.3f} s" for name, seconds in phases.items()), "(per step, unprofiled)")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             step()
