@@ -14,7 +14,8 @@ resident set above the one after the imports):
   counted exactly on the method's network built with random weights (:func:`static_bytes`).
 * ``activations``: what one image's training forward keeps for backward, counted on the meta
   device (shapes only, any image size in a fraction of a second, :func:`activation_bytes_per_image`).
-  Plain mode: every saved tensor. Memory-efficient mode: the inputs of the checkpointed encoder
+  Plain mode: every saved tensor, and in a SAM ViT the largest attention's backward transient
+  (:func:`attention_backward_bytes`). Memory-efficient mode: the inputs of the checkpointed encoder
   segments, the largest segment's activations (recomputed one at a time; in a SAM ViT block with
   its attention in checkpointed chunks of query rows, the queries, keys and values plus one
   chunk's attention, :func:`chunked_attention_bytes`) and everything saved outside the encoder.
@@ -136,17 +137,29 @@ def chunked_attention_bytes(attention: nn.Module, x_shape: Sequence[int], chunks
     return 3 * batch * height * width * dim * q.element_size() + sum(chunk.values())
 
 
-def _encoder_activations(network: nn.Module, memory_efficient: bool) -> tuple[dict[str, int], int, torch.Size]:
+def attention_backward_bytes(attention: nn.Module, x_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> int:
+    """The transient of a whole SAM ViT ``Attention``'s backward: the gradients of its attention
+    probabilities and of its logits, two ``[B * heads, N, N]`` matrices beyond what it saved
+    (``x_shape``: its input ``[B, H, W, dim]``). At 1024 px a global block's is 1.6 GB per image,
+    more than the rest of a step's transients together."""
+    batch, height, width, _ = (int(n) for n in x_shape)
+    tokens = height * width
+    return 2 * batch * attention.num_heads * tokens * tokens * torch.empty((), dtype=dtype).element_size()
+
+
+def _encoder_activations(network: nn.Module,
+                         memory_efficient: bool) -> tuple[dict[str, int], int, torch.Size, int]:
     """On a meta copy of the encoder: saved bytes per segment, bytes of the segment inputs that
-    need a gradient (what checkpointing keeps), and the embedding's shape, for one image."""
+    need a gradient (what checkpointing keeps), the embedding's shape and the largest transient of
+    a whole attention's backward (plain mode, SAM ViT; 0 otherwise), for one image."""
     encoder_only = _EncoderOnly(copy.deepcopy(network.backbone)).to("meta").train()
     encoder = encoder_only.backbone.image_encoder
     # frozen leading segments run without autograd in the memory-efficient mode; nothing is
     # checkpointed here, so that each segment's own activations are counted
     set_segment_forwards(encoder, checkpointed=False, no_grad_when_frozen=memory_efficient)
     chunked = memory_efficient and MemoryConfig().chunked_attention
-    attentions = vit_attention_modules(encoder) if chunked else []
-    for attention in attentions:  # its chunks save nothing in the block: counted one at a time below
+    attentions = vit_attention_modules(encoder)
+    for attention in attentions if chunked else ():  # its chunks save nothing in the block: counted below
         RowChunkedAttention(attention).install()
     inputs: dict[int, int] = {}
     attention_inputs: dict[nn.Module, torch.Tensor] = {}
@@ -171,11 +184,15 @@ def _encoder_activations(network: nn.Module, memory_efficient: bool) -> tuple[di
         for h in handles:
             h.remove()
     saved.pop(OUTSIDE)  # the pixel normalisation, counted with the rest below
+    backward = 0
     for i, block in enumerate(encoder.blocks if attentions else ()):
         if block.attn in attention_inputs:
             x = attention_inputs[block.attn]
-            saved[f"backbone.image_encoder.blocks.{i}"] += chunked_attention_bytes(block.attn, x.shape, dtype=x.dtype)
-    return saved, sum(inputs.values()), shape
+            if chunked:
+                saved[f"backbone.image_encoder.blocks.{i}"] += chunked_attention_bytes(block.attn, x.shape, dtype=x.dtype)
+            elif not memory_efficient:
+                backward = max(backward, attention_backward_bytes(block.attn, x.shape, x.dtype))
+    return saved, sum(inputs.values()), shape, backward
 
 
 def _saved_outside_encoder(network: nn.Module, method: str, embedding_shape: torch.Size) -> int:
@@ -191,10 +208,10 @@ def activation_bytes_per_image(setup: TrainingSetup, network: nn.Module | None =
     """What one image's training forward keeps for backward in ``setup``'s mode: the encoder counted
     on the meta device (shapes only), the rest on CPU from a stand-in embedding."""
     network = _build(setup) if network is None else network
-    segments, inputs, embedding_shape = _encoder_activations(network, setup.memory_efficient)
+    segments, inputs, embedding_shape, attention_backward = _encoder_activations(network, setup.memory_efficient)
     outside = _saved_outside_encoder(network, setup.method, embedding_shape)
     if not setup.memory_efficient:
-        return sum(segments.values()) + outside
+        return sum(segments.values()) + outside + attention_backward
     # checkpointing keeps each segment's input and recomputes one segment at a time in backward
     return inputs + max(segments.values()) + outside
 
@@ -341,14 +358,17 @@ VALIDATION_SETUPS: tuple[tuple[str, str, int, bool, int], ...] = (
     ("full", "vit_b", 512, False, 2), ("samed", "vit_b", 512, False, 2), ("medsaga", "vit_b", 512, False, 2),
     ("medsaga", "vit_b", 512, True, 2), ("ssam", "vit_b", 512, False, 2),
     ("samed", "lite_medsam", 512, True, 2), ("mcp_medsam", "lite_medsam", 384, False, 3),
+    ("medsaga", "vit_b", 1024, True, 1), ("samed", "vit_b", 1024, False, 1),
 )
 
 
 def plan_fit_command(out: str = "plan_fit", steps: int = 2, threads: int | None = None,
-                     install: bool = False) -> str:
+                     install: bool = False, reuse: bool = False) -> str:
     """Measure the fit and validation configurations (each in a fresh process, ``steps`` steps,
     live CPU allocator), fit the model, write ``out/memory_model.json`` and ``out/validation.md``
-    (``install``: also replace the packaged model). Returns the Markdown."""
+    (``install``: also replace the packaged model). ``reuse``: take a configuration's peak from an
+    earlier run's ``out/<configuration>.json`` where it was measured with the same settings (a
+    change in what is counted refits in minutes instead of measuring again). Returns the Markdown."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -356,10 +376,13 @@ def plan_fit_command(out: str = "plan_fit", steps: int = 2, threads: int | None 
         for method, backbone, size, efficient, batch in setups:
             setup = TrainingSetup(method, backbone, size, efficient)
             name = f"{setup.benchmark_name}@{backbone}_{size}_b{batch}"
-            print(f"[plan-fit] measuring ({role}) {name}", file=sys.stderr, flush=True)
-            result = run_worker_in_fresh_process(setup.benchmark_name, out_dir, CPU_ALLOCATORS["live"], file_name=name,
-                                           backbone=backbone, image_size=size, batch=batch, steps=steps,
-                                           device="cpu", threads=threads)
+            result = _earlier_measurement(out_dir / f"{name}.json", method=setup.benchmark_name, backbone=backbone,
+                                          image_size=size, batch=batch, steps=steps, cpu_threads=threads) if reuse else None
+            if result is None:
+                print(f"[plan-fit] measuring ({role}) {name}", file=sys.stderr, flush=True)
+                result = run_worker_in_fresh_process(setup.benchmark_name, out_dir, CPU_ALLOCATORS["live"],
+                                                     file_name=name, backbone=backbone, image_size=size, batch=batch,
+                                                     steps=steps, device="cpu", threads=threads)
             if "error" in result:
                 raise RuntimeError(f"measuring {name} failed: see {result['log']}")
             rows.append({"role": role, **asdict(setup), "mode": setup.mode, "batch": batch,
@@ -383,6 +406,20 @@ def plan_fit_command(out: str = "plan_fit", steps: int = 2, threads: int | None 
     markdown = validation_markdown(model, rows)
     write_text_atomic(out_dir / "validation.md", markdown)
     return markdown  # the command line prints it
+
+
+def _earlier_measurement(path: Path, **settings: Any) -> dict | None:
+    """A worker's result at ``path`` if it was measured on the CPU with the live allocator and
+    ``settings`` (None where a setting is None: any), else None."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = {"device": "cpu", "cpu_allocator": "live", **{k: v for k, v in settings.items() if v is not None}}
+    if "peak_above_baseline_bytes" not in result or any(result.get(k) != v for k, v in wanted.items()):
+        return None
+    print(f"[plan-fit] reusing {path}", file=sys.stderr, flush=True)
+    return result
 
 
 def validation_markdown(model: MemoryModel, rows: Sequence[dict]) -> str:
