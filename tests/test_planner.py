@@ -108,3 +108,22 @@ def test_the_packaged_model_loads_and_the_command_line_reaches_it(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| ssam | plain |" in done.stdout and "| ssam | memory-efficient |" in done.stdout
+
+
+def test_a_refit_reuses_only_measurements_taken_with_the_same_settings(tmp_path):
+    from medsaga_components.planner import _earlier_measurement
+
+    path = tmp_path / "samed@vit_b_512_b2.json"
+    measured = {"method": "samed", "backbone": "vit_b", "image_size": 512, "batch": 2, "steps": 2, "device": "cpu",
+                "cpu_allocator": "live", "cpu_threads": 2, "peak_above_baseline_bytes": 123}
+    path.write_text(json.dumps(measured))
+    same = dict(method="samed", backbone="vit_b", image_size=512, batch=2, steps=2)
+    assert _earlier_measurement(path, **same, cpu_threads=None)["peak_above_baseline_bytes"] == 123
+    assert _earlier_measurement(path, **same, cpu_threads=2) is not None
+    assert _earlier_measurement(path, **{**same, "steps": 3}, cpu_threads=None) is None
+    assert _earlier_measurement(path, **{**same, "batch": 4}, cpu_threads=None) is None
+    path.write_text(json.dumps({**measured, "cpu_allocator": "heap"}))
+    assert _earlier_measurement(path, **same) is None
+    path.write_text("{not json")
+    assert _earlier_measurement(path, **same) is None
+    assert _earlier_measurement(tmp_path / "missing.json", **same) is None
