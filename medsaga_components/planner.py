@@ -118,6 +118,7 @@ def chunked_attention_bytes(attention: nn.Module, x_shape: Sequence[int], chunks
     batch, height, width, dim = (int(n) for n in x_shape)
     heads = attention.num_heads
     rows = -(-height // min(chunks, height))
+
     def meta(*shape: int) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device="meta", requires_grad=True)
 
@@ -140,8 +141,8 @@ def chunked_attention_bytes(attention: nn.Module, x_shape: Sequence[int], chunks
 def attention_backward_bytes(attention: nn.Module, x_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> int:
     """The transient of a whole SAM ViT ``Attention``'s backward: the gradients of its attention
     probabilities and of its logits, two ``[B * heads, N, N]`` matrices beyond what it saved
-    (``x_shape``: its input ``[B, H, W, dim]``). At 1024 px a global block's is 1.6 GB per image,
-    more than the rest of a step's transients together."""
+    (``x_shape``: its input ``[B, H, W, dim]``). At 1024 px a global block's is 1.6 GB per image;
+    without it plain samed at 1024 px was predicted 18 % below its measured peak."""
     batch, height, width, _ = (int(n) for n in x_shape)
     tokens = height * width
     return 2 * batch * attention.num_heads * tokens * tokens * torch.empty((), dtype=dtype).element_size()
