@@ -32,10 +32,16 @@ class ForwardPatch:
         return type(self.module).forward.__get__(self.module)
 
     @classmethod
+    def outermost_on(cls, module: nn.Module) -> ForwardPatch | None:
+        """This kind of patch if it is ``module``'s outermost ``forward``, else None."""
+        patch = module.__dict__.get("forward")
+        return patch if isinstance(patch, cls) else None
+
+    @classmethod
     def remove(cls, module: nn.Module) -> None:
         """Undo this kind of patch on ``module`` if it is the outermost one (no-op otherwise)."""
-        patch = module.__dict__.get("forward")
-        if isinstance(patch, cls):
+        patch = cls.outermost_on(module)
+        if patch is not None:
             if patch.previous is None:
                 del module.forward
             else:
@@ -43,4 +49,4 @@ class ForwardPatch:
 
     @classmethod
     def installed_on(cls, module: nn.Module) -> bool:
-        return isinstance(module.__dict__.get("forward"), cls)
+        return cls.outermost_on(module) is not None

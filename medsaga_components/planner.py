@@ -45,7 +45,7 @@ from medsaga_components.benchmark import (CPU_ALLOCATORS, method_list, run_worke
                                           static_memory_bytes, storage_key, synthetic_training_batch)
 from medsaga_components.io.atomic import write_json_atomic, write_text_atomic
 from medsaga_components.methods import METHODS, build_network, build_optimizer
-from medsaga_components.training.chunked_attention import (CHUNKS, RowChunkedAttention, attend_query_rows,
+from medsaga_components.training.chunked_attention import (CHUNKS, attend_query_rows, set_chunked_attention,
                                                           vit_attention_modules)
 from medsaga_components.training.memory import MemoryConfig, encoder_segments, set_segment_forwards
 
@@ -135,7 +135,7 @@ def chunked_attention_bytes(attention: nn.Module, x_shape: Sequence[int], chunks
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         attend_query_rows(q, k, v, *rel, attention.scale, height, width)
-    return 3 * batch * height * width * dim * q.element_size() + sum(chunk.values())
+    return 3 * batch * height * width * dim * dtype.itemsize + sum(chunk.values())
 
 
 def attention_backward_bytes(attention: nn.Module, x_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> int:
@@ -145,7 +145,7 @@ def attention_backward_bytes(attention: nn.Module, x_shape: Sequence[int], dtype
     without it plain samed at 1024 px was predicted 18 % below its measured peak."""
     batch, height, width, _ = (int(n) for n in x_shape)
     tokens = height * width
-    return 2 * batch * attention.num_heads * tokens * tokens * torch.empty((), dtype=dtype).element_size()
+    return 2 * batch * attention.num_heads * tokens * tokens * dtype.itemsize
 
 
 def _encoder_activations(network: nn.Module,
@@ -159,9 +159,8 @@ def _encoder_activations(network: nn.Module,
     # checkpointed here, so that each segment's own activations are counted
     set_segment_forwards(encoder, checkpointed=False, no_grad_when_frozen=memory_efficient)
     chunked = memory_efficient and MemoryConfig().chunked_attention
+    set_chunked_attention(encoder, chunked)  # its chunks save nothing in the block: counted below
     attentions = vit_attention_modules(encoder)
-    for attention in attentions if chunked else ():  # its chunks save nothing in the block: counted below
-        RowChunkedAttention(attention).install()
     inputs: dict[int, int] = {}
     attention_inputs: dict[nn.Module, torch.Tensor] = {}
 

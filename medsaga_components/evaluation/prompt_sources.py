@@ -84,6 +84,13 @@ def copy_nearest_labelled(label: np.ndarray, axis: int, labelled: Sequence[int],
     return out
 
 
+def labelled_slices_only(label: np.ndarray, axis: int, labelled: Sequence[int]) -> np.ndarray:
+    """``label`` on the ``labelled`` slices along ``axis``, 0 elsewhere: what a user has drawn."""
+    partial = np.zeros_like(label)
+    np.moveaxis(partial, axis, 0)[list(labelled)] = np.moveaxis(label, axis, 0)[list(labelled)]
+    return partial
+
+
 def interpolate_labelled(label: np.ndarray, axis: int, labelled: Sequence[int]) -> np.ndarray:
     """``[X, Y, Z]``: each class interpolated between the labelled slices that hold it, by ITK's
     morphological contour interpolation (Albu et al. 2008; the filter behind 3D Slicer's
@@ -97,8 +104,7 @@ def interpolate_labelled(label: np.ndarray, axis: int, labelled: Sequence[int]) 
     except ImportError as error:  # an optional extra: the baseline only
         raise ImportError('the interpolate baseline needs ITK\'s morphological contour interpolation: '
                           'pip install "medsaga[evaluation]"') from error
-    partial = np.zeros(label.shape, dtype=np.uint8)
-    np.moveaxis(partial, axis, 0)[list(labelled)] = np.moveaxis(label, axis, 0)[list(labelled)]
+    partial = labelled_slices_only(label, axis, labelled).astype(np.uint8)
     # ITK orders axes the other way round from numpy: numpy axis a is ITK axis ndim - 1 - a.
     filled = itk.morphological_contour_interpolator(itk.image_from_array(partial), axis=label.ndim - 1 - axis)
     return itk.array_from_image(filled).astype(label.dtype)
@@ -181,8 +187,7 @@ def evaluate_prompt_sources(network: nn.Module, image: torch.Tensor, label: np.n
     n = len(class_names) - 1
     test = sorted(int(k) for k in test)
     boxes = user_boxes(label, n, jitter, seed)
-    partial = np.zeros_like(label)
-    np.moveaxis(partial, axis, 0)[list(labelled)] = np.moveaxis(label, axis, 0)[list(labelled)]
+    partial = labelled_slices_only(label, axis, labelled)
     runs = {
         "box_3d": lambda s: segment_volume_from_boxes(network, image, axis, boxes, slices=s, guide=guide),
         "labelled_slices": lambda s: segment_volume_from_labelled_slices(network, image, axis, partial, labelled,

@@ -158,8 +158,7 @@ def use_openvino(network: nn.Module, setting: Any = AUTO, encoder_name: str = "b
 
 
 def _openvino_patch(network: nn.Module, encoder_name: str = "backbone.image_encoder") -> OpenVinoEncoder | None:
-    patch = image_encoder_of(network, encoder_name).__dict__.get("forward")
-    return patch if isinstance(patch, OpenVinoEncoder) else None
+    return OpenVinoEncoder.outermost_on(image_encoder_of(network, encoder_name))
 
 
 def uses_openvino(network: nn.Module, encoder_name: str = "backbone.image_encoder") -> bool:
