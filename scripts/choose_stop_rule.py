@@ -6,7 +6,8 @@ One process, one thread: every slice is encoded once (a shared ``SliceEmbeddings
 setting only re-runs the decoder, so the settings are compared on the same embeddings. Prints
 the mean Dice over the test slab of the 3-D box and the labelled-slice sources for each setting
 (stop rule, margin, refinement of a box's seed slice, fronts or interpolated boxes between
-labelled slices).
+labelled slices, where a structure that a labelled slice does not hold ends: by the stop rule or
+midway).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from medsaga_components.data.intensity import scale_intensity
 from medsaga_components.evaluation.metrics import evaluate_volume
 from medsaga_components.evaluation.prompt_sources import demo_labelled_slices, user_boxes
 from medsaga_components.inference.model import load_plain_model
-from medsaga_components.inference.propagation import StopRule
+from medsaga_components.inference.propagation import END_IN_GAP, StopRule
 from medsaga_components.inference.two_pass import TwoPassBoxSegmenter
 from medsaga_components.inference.volume import (
     SliceEmbeddings,
@@ -42,6 +43,7 @@ STOP_RULES = {
 MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3)
 REFINE_SEED = (0, 1)
 BETWEEN = ("fronts", "interpolate")
+LABELLED_SETTINGS = tuple(itertools.product(END_IN_GAP, BETWEEN))
 
 
 def main() -> None:
@@ -76,8 +78,9 @@ def main() -> None:
         return evaluate_volume(prediction[..., test], label[..., test], names)["mean_dice"]
 
     print(f"{args.task}, model {args.model}, test z {test[0]}..{test[-1]}, labelled {labelled}")
+    settings = " / ".join(f"{between} ending by {end}" for end, between in LABELLED_SETTINGS)
     print(f"| stop rule | margin | 3-D box, seed refined {' / '.join(map(str, refines))} times | labelled slices, "
-          "fronts / interpolated boxes | seconds |")
+          f"{settings} | seconds |")
     print("|---|---:|---|---|---:|")
     for margin, (rule, stop) in itertools.product(margins, STOP_RULES.items()):
         start = time.monotonic()
@@ -85,7 +88,8 @@ def main() -> None:
                                                     refine_seed=refine)) for refine in refines]
         from_slices = [score(segment_volume_from_labelled_slices(network, volume, 2, partial, labelled, margin=margin,
                                                                  stop=stop, num_classes=n, slices=slices,
-                                                                 between=between)) for between in BETWEEN]
+                                                                 between=between, end_in_gap=end))
+                       for end, between in LABELLED_SETTINGS]
         print(f"| {rule} | {margin} | {' / '.join(f'{d:.3f}' for d in from_box)} | "
               f"{' / '.join(f'{d:.3f}' for d in from_slices)} | {time.monotonic() - start:.0f} |", flush=True)
 

@@ -185,6 +185,27 @@ def test_known_empty_slice_between_seeds_splits_the_gap():
     assert np.array_equal(result[10:16], SPHERE[10:16]) and np.array_equal(result[17:23], SPHERE[17:23])
 
 
+def test_midway_ends_a_box_filling_model_where_copying_the_nearest_labelled_slice_would():
+    """A leaky model never stops by itself. With ``end_in_gap="midway"``, a structure seeded on 10
+    whose class is labelled absent on 20 fills 11..15 (15 is as far from both; a tie goes to the
+    lower slice) and one seeded on 26 with the class absent on 19 fills 23..25; beyond the
+    outermost seed the stop rule still decides. The default fills up to the empty slice."""
+    seed = filled((12.0, 12.0, 20.0, 20.0))
+    predict = leaky()
+    result = propagate_structure(predict, D, SHAPE, {10: seed}, empty_slices={20}, k_range=(8, 31),
+                                 end_in_gap="midway")
+    assert sorted(predict.slices) == [8, 9, 11, 12, 13, 14, 15]
+    assert result[8:16].any(axis=(1, 2)).all() and not result[16:].any()
+    predict = leaky()
+    propagate_structure(predict, D, SHAPE, {26: seed}, empty_slices={19}, k_range=(0, 27), end_in_gap="midway")
+    assert sorted(predict.slices) == [23, 24, 25, 27]
+    predict = leaky()
+    propagate_structure(predict, D, SHAPE, {10: seed}, empty_slices={20}, k_range=(10, 31))
+    assert sorted(predict.slices) == list(range(11, 20))
+    with pytest.raises(ValueError, match=re.escape("end_in_gap is 'nearest'; expected one of")):
+        propagate_structure(predict, D, SHAPE, {10: seed}, end_in_gap="nearest")
+
+
 def two_blobs(shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
     left, right = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
     left[10:18, 4 + shift:12 + shift] = True

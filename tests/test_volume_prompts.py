@@ -74,6 +74,17 @@ def test_labelled_slices_come_back_exactly_as_drawn(network):
     assert not (out[..., 9:] == 2).any(), "class 2 does not cross the slice labelled without it"
 
 
+def test_a_class_absent_from_the_next_labelled_slice_ends_midway_towards_it(network):
+    # This network never stops by itself; each class ends where copying the nearest labelled slice would.
+    label = np.zeros((40, 30, 12), np.int64)
+    label[12:14, 20:28, 4] = 2
+    label[8:18, 6:12, 9] = 1
+    out = segment_volume_from_labelled_slices(network, volume(), 2, label)
+    holds = [sorted(set(np.unique(out[..., k]).tolist()) - {0}) for k in range(12)]
+    assert holds[5:9] == [[2], [2], [1], [1]]
+    assert holds[:4] == [[2]] * 4 and holds[10:] == [[1]] * 2, "beyond the outermost labelled slices: the stop rule"
+
+
 def test_a_guide_propagates_and_the_network_only_segments_what_the_guide_found(network):
     # The network answers "inside" everywhere; a guide that finds nothing anywhere leaves nothing for
     # it to segment, from a 3-D box, labelled slices (kept as drawn) or a click alike.

@@ -123,6 +123,9 @@ def union_box(a: Box, b: Box) -> Box:
 
 
 BETWEEN_SEEDS = ("fronts", "interpolate")
+# Where a structure ends between its seed and a labelled slice that does not hold it: where the
+# stop rule says, or at the slice midway between them, as copying the nearest labelled slice decides.
+END_IN_GAP = ("stop_rule", "midway")
 # What propagates a request: the model itself, or pretrained LiteMedSAM guiding it (``inference.volume``).
 PROPAGATION_GUIDES = ("self", "pretrained")
 
@@ -130,7 +133,8 @@ PROPAGATION_GUIDES = ("self", "pretrained")
 def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], seeds: Mapping[int, np.ndarray], *,
                         k_range: tuple[int, int] | None = None, limits: Box | None = None, margin: float = 0.1,
                         stop: StopRule = StopRule(), empty_slices: Collection[int] = (),
-                        between: str = "fronts", resegment: Predict | None = None) -> np.ndarray:
+                        between: str = "fronts", end_in_gap: str = "stop_rule",
+                        resegment: Predict | None = None) -> np.ndarray:
     """Bool ``[D, H, W]`` mask of ONE structure, propagated from its seed slices.
 
     - ``seeds``: ``{slice index: bool [H, W] mask}``, each non-empty: those slices are copied into
@@ -149,6 +153,10 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
     - ``empty_slices``: slices the user labelled as not holding the structure. They are never
       predicted and stay empty, and propagation never crosses them: a gap between two seeds that
       holds one is filled like two outward propagations (with ``stop``) up to it.
+    - ``end_in_gap="midway"``: such an outward propagation, from a seed towards an empty slice,
+      also stops at the slice midway between them (on a tie the slice goes to the lower one),
+      as copying the nearest labelled slice would end the structure; ``"stop_rule"``: only
+      ``stop`` ends it.
     - ``limits`` (the in-plane part of a 3-D box): every prompt box is clamped to it and every
       prediction is zeroed outside it. ``k_range``: no slice outside it is ever predicted.
     - ``resegment``: ``predict`` only guides; every slice it reached but the seeds is then asked
@@ -160,6 +168,8 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
     """
     if between not in BETWEEN_SEEDS:
         raise ValueError(f"between is {between!r}; expected one of {BETWEEN_SEEDS}")
+    if end_in_gap not in END_IN_GAP:
+        raise ValueError(f"end_in_gap is {end_in_gap!r}; expected one of {END_IN_GAP}")
     shape = _check_shape(shape)
     low, high = _check_k_range(k_range, depth)
     if limits is not None:
@@ -173,15 +183,21 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
     segment = _checked_predict(predict, shape, limits)
     order = sorted(seeds)
 
+    def last_below(seed: int, wall: int) -> int:  # the last slice to fill going down from seed to an empty wall
+        return max(wall + 1, (wall + seed) // 2 + 1) if end_in_gap == "midway" else wall + 1
+
+    def last_above(seed: int, wall: int) -> int:
+        return min(wall - 1, (seed + wall) // 2) if end_in_gap == "midway" else wall - 1
+
     # Outward propagation ends before the nearest labelled-empty slice on its side.
-    below = max((e + 1 for e in empty if e < order[0]), default=low)
-    above = min((e - 1 for e in empty if e > order[-1]), default=high)
+    below = max((last_below(order[0], e) for e in empty if e < order[0]), default=low)
+    above = min((last_above(order[-1], e) for e in empty if e > order[-1]), default=high)
     _propagate_outward(segment, volume, order[0], max(below, low), margin, limits, stop)
     for a, b in zip(order, order[1:]):
         walls = [e for e in empty if a < e < b]
         if walls:
-            _propagate_outward(segment, volume, a, min(walls) - 1, margin, limits, stop)
-            _propagate_outward(segment, volume, b, max(walls) + 1, margin, limits, stop)
+            _propagate_outward(segment, volume, a, last_above(a, min(walls)), margin, limits, stop)
+            _propagate_outward(segment, volume, b, last_below(b, max(walls)), margin, limits, stop)
         elif between == "interpolate":
             _interpolate_gap(segment, volume, a, b, margin, limits)
         else:

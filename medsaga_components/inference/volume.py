@@ -53,6 +53,10 @@ DEFAULT_MARGIN = 0.1
 DEFAULT_STOP = StopRule(min_pixels=1)
 DEFAULT_REFINE_SEED = 0
 DEFAULT_BETWEEN = "fronts"
+# A structure that a labelled slice does not hold ends midway towards it, as copying the nearest
+# labelled slice would end it: the 5 labelled slices of the small-structure demo, 0.417 against
+# 0.319 with the stop rule alone (a model that fills its box never stops by itself; same script).
+DEFAULT_END_IN_GAP = "midway"
 
 
 class SliceEmbeddings:
@@ -248,7 +252,8 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
                                         labelled: Sequence[int] | None = None, modality: str | None = None,
                                         margin: float = DEFAULT_MARGIN, stop: StopRule = DEFAULT_STOP,
                                         num_classes: int | None = None, slices: SliceEmbeddings | None = None,
-                                        between: str = DEFAULT_BETWEEN, guide: nn.Module | None = None) -> np.ndarray:
+                                        between: str = DEFAULT_BETWEEN, guide: nn.Module | None = None,
+                                        end_in_gap: str = DEFAULT_END_IN_GAP) -> np.ndarray:
     """uint8 ``[X, Y, Z]`` label map completed from a user's labelled slices.
 
     ``label``: ``[X, Y, Z]`` class indices 0..N, meaningful on the labelled slices only;
@@ -279,7 +284,7 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
             return np.zeros(by_slice.shape, dtype=bool)
         predict, resegment = predictor.roles()
         return propagate_labelled(predict, slices.depth, slices.shape, drawn, margin=margin, stop=stop,
-                                  between=between, resegment=resegment)
+                                  between=between, end_in_gap=end_in_gap, resegment=resegment)
 
     labels = label_map(slices, class_mask, _guide_slices(guide, volume, axis))
     labels[list(labelled)] = by_slice[list(labelled)]  # the user's slices as drawn
