@@ -55,7 +55,8 @@ DEFAULT_REFINE_SEED = 0
 DEFAULT_BETWEEN = "fronts"
 # A structure that a labelled slice does not hold ends midway towards it, as copying the nearest
 # labelled slice would end it: the 5 labelled slices of the small-structure demo, 0.417 against
-# 0.319 with the stop rule alone (a model that fills its box never stops by itself; same script).
+# 0.319 with the stop rule alone: a model that fills its box never stops by itself
+# (docs/prompted_volumes.md).
 DEFAULT_END_IN_GAP = "midway"
 
 
@@ -259,7 +260,8 @@ def segment_volume_from_labelled_slices(network: nn.Module, volume: torch.Tensor
     ``label``: ``[X, Y, Z]`` class indices 0..N, meaningful on the labelled slices only;
     ``labelled``: their indices along ``axis`` (None: every slice with a labelled voxel). Every
     structure of every class is propagated from them (``propagate_labelled``); a labelled slice
-    where a class is absent stops that class's propagation there. The labelled slices come back
+    where a class is absent stops that class's propagation there, and with ``end_in_gap="midway"``
+    (the default) midway towards it already. The labelled slices come back
     exactly as given. ``guide``: as for :func:`segment_volume_from_boxes`."""
     slices = slices or SliceEmbeddings(network, volume, axis, modality)
     label = np.asarray(label)
