@@ -183,21 +183,15 @@ def propagate_structure(predict: Predict, depth: int, shape: tuple[int, int], se
     segment = _checked_predict(predict, shape, limits)
     order = sorted(seeds)
 
-    def last_below(seed: int, wall: int) -> int:  # the last slice to fill going down from seed to an empty wall
-        return max(wall + 1, (wall + seed) // 2 + 1) if end_in_gap == "midway" else wall + 1
-
-    def last_above(seed: int, wall: int) -> int:
-        return min(wall - 1, (seed + wall) // 2) if end_in_gap == "midway" else wall - 1
-
     # Outward propagation ends before the nearest labelled-empty slice on its side.
-    below = max((last_below(order[0], e) for e in empty if e < order[0]), default=low)
-    above = min((last_above(order[-1], e) for e in empty if e > order[-1]), default=high)
+    below = max((_last_towards(order[0], e, end_in_gap) for e in empty if e < order[0]), default=low)
+    above = min((_last_towards(order[-1], e, end_in_gap) for e in empty if e > order[-1]), default=high)
     _propagate_outward(segment, volume, order[0], max(below, low), margin, limits, stop)
     for a, b in zip(order, order[1:]):
         walls = [e for e in empty if a < e < b]
         if walls:
-            _propagate_outward(segment, volume, a, last_above(a, min(walls)), margin, limits, stop)
-            _propagate_outward(segment, volume, b, last_below(b, max(walls)), margin, limits, stop)
+            _propagate_outward(segment, volume, a, _last_towards(a, min(walls), end_in_gap), margin, limits, stop)
+            _propagate_outward(segment, volume, b, _last_towards(b, max(walls), end_in_gap), margin, limits, stop)
         elif between == "interpolate":
             _interpolate_gap(segment, volume, a, b, margin, limits)
         else:
@@ -404,6 +398,15 @@ def _front(segment: Predict, volume: np.ndarray, start: int, middle: int, margin
         # Between seeds the structure continues: an empty prediction keeps the last box instead of stopping.
         box = box_of(volume[k], margin, limits) or box
     return box
+
+
+def _last_towards(seed: int, wall: int, end_in_gap: str) -> int:
+    """The last slice a structure seeded on ``seed`` may fill towards ``wall``, a labelled slice
+    without it: the one before ``wall``, or with ``"midway"`` the last nearer to ``seed`` (a tie
+    goes to the lower slice)."""
+    if wall > seed:
+        return min(wall - 1, (seed + wall) // 2) if end_in_gap == "midway" else wall - 1
+    return max(wall + 1, (seed + wall) // 2 + 1) if end_in_gap == "midway" else wall + 1
 
 
 def _outward_from(middle: int, low: int, high: int) -> list[int]:
